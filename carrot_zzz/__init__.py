@@ -1,0 +1,6 @@
+"""carrot-zzz: the ZZZ Gaussian head and the CARROT regulariser for fine-grained classification with timm."""
+from .carrot import CarrotRegularizer, carrot_regularizer
+from .zzz_head import ZZZHead
+
+__version__ = '0.1.0'
+__all__ = ['ZZZHead', 'CarrotRegularizer', 'carrot_regularizer']

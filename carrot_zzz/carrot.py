@@ -1,0 +1,174 @@
+"""CARROT: a variance barrier and an effective-rank barrier on the classes of a batch of embeddings.
+
+For z (B, D) with labels y, S_bar = mean_i ||z_i - mean(z)||^2, and every class c with n_c >= 2 samples:
+
+    X_c     = z[y == c] - mean(z[y == c])                     (n_c, D)
+    S_c     = mean_i ||X_c,i||^2                              trace of Cov_c
+    r_c     = S_c / S_bar
+    p       = eig(X_c X_c^T) / trace(X_c X_c^T)               = normalised eigenvalues of Cov_c
+    erank_c = exp(-sum p log p)
+    R_var   = mean_c -log r_c
+    R_rank  = mean_c -log(erank_c / N_c)      N_c = D ('dim', the design) or min(n_c - 1, D) ('attainable')
+    R       = R_var + R_rank                  (a zero attached to the graph when no class has 2 samples)
+
+Vectorised: samples are sorted by label, class means come from index_add, centred rows go into a padded
+(G, K, D) buffer whose Gram matrices (G, K, K) share their non-zero eigenvalues with the covariances, and
+one batched eigvalsh serves every class. The sizes G (classes in the batch) and K (largest class) need one
+host sync, or none when the caller passes them as static bounds (a P x K sampler knows both).
+
+Statistics run in float32 (float64 for float64 input) with autocast disabled. Floors keep the value and the
+gradients finite where the literal form gives 0/0 or -log 0: S_c and S_bar are floored at eps, and p at eps
+inside the log (an exactly-zero eigenvalue then adds exactly 0 to the entropy).
+"""
+from typing import Dict, Optional, Tuple
+
+import math
+
+import torch
+from torch import nn
+
+RANK_NORMS = ('dim', 'attainable')
+
+
+def labels_from_target(target: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Class indices (B,) from class indices (B,) or soft / one-hot targets (B, C) (argmax: dominant class)."""
+    if target.ndim == 2 and target.shape[0] == batch_size:
+        return target.argmax(dim=1)
+    if target.ndim == 1 and target.shape[0] == batch_size and not target.is_floating_point():
+        return target
+    raise ValueError(
+        f'carrot: target must be class indices of shape ({batch_size},) or soft targets of shape '
+        f'({batch_size}, C), got {tuple(target.shape)} {target.dtype}')
+
+
+def carrot_regularizer(
+        z: torch.Tensor,
+        target: torch.Tensor,
+        rank_norm: str = 'dim',
+        max_classes: Optional[int] = None,
+        max_per_class: Optional[int] = None,
+        eps: float = 1e-12,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """CARROT value R and its statistics for one batch.
+
+    Args:
+        z: embeddings (B, D), any float dtype.
+        target: class indices (B,) or soft / one-hot targets (B, C) as mixup or label smoothing make them.
+        rank_norm: 'dim' divides erank by D (the design's default); 'attainable' by min(n_c - 1, D), the
+            largest erank a class of n_c samples can reach.
+        max_classes: static bound on the number of distinct classes in the batch (P of a P x K sampler).
+        max_per_class: static bound on the samples of any class (K of a P x K sampler). With it, the call
+            makes no host sync; without it, one. Bounds that are too small fail with a RuntimeError
+            (asynchronously on CUDA).
+        eps: floor for S_c, S_bar and p.
+
+    Returns:
+        R: 0-d tensor in the compute dtype, attached to the graph of z.
+        stats: detached 0-d tensors 'R', 'R_var', 'R_rank', 'classes_used', 'min_r' (min r_c) and
+            'min_erank_frac' (min erank_c / D); the two minima are NaN when no class has 2 samples.
+    """
+    if z.ndim != 2:
+        raise ValueError(f'carrot: z must be (B, D) embeddings, got shape {tuple(z.shape)}')
+    if rank_norm not in RANK_NORMS:
+        raise ValueError(f'carrot: rank_norm must be one of {RANK_NORMS}, got {rank_norm!r}')
+    batch_size, dim = z.shape
+    labels = labels_from_target(target, batch_size)
+    dtype = torch.promote_types(z.dtype, torch.float32)
+
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = z.to(dtype)
+        # group samples by class: gid (B,) in [0, G) after sorting, pos (B,) the row inside the group
+        labels_sorted, order = torch.sort(labels, stable=True)
+        z_sorted = z[order]
+        is_start = torch.ones_like(labels_sorted, dtype=torch.bool)
+        is_start[1:] = labels_sorted[1:] != labels_sorted[:-1]
+        gid = torch.cumsum(is_start, 0) - 1
+        if max_per_class is None:   # the one host sync: sizes of the padded buffer
+            counts = torch.bincount(gid)
+            num_groups, group_size = torch.stack([gid[-1] + 1, counts.max()]).tolist() if batch_size else (0, 0)
+        else:
+            num_groups = batch_size if max_classes is None else max_classes
+            group_size = max_per_class
+            counts = torch.bincount(gid, minlength=num_groups)
+            if batch_size:
+                torch._assert_async(
+                    (counts.max() <= group_size) & (gid[-1] < num_groups),
+                    'carrot: the batch has more classes than max_classes or more samples of a class than '
+                    'max_per_class; pass bounds that hold for every batch, or none')
+        counts = counts[:num_groups].to(dtype)                               # (G,) samples per class
+        start = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(batch_size, device=z.device) - start.long()[gid]
+
+        # centre each class and scatter it into a zero-padded buffer
+        sums = z.new_zeros(num_groups, dim).index_add(0, gid, z_sorted)
+        means = sums / counts.clamp_min(1).unsqueeze(1)                     # (G, D)
+        centred = z_sorted - means[gid]                                      # (B, D)
+        padded = z.new_zeros(num_groups, group_size, dim).index_put((gid, pos), centred)  # (G, K, D)
+
+        # variance barrier
+        total_scatter = (z - z.mean(0)).square().sum(1).mean().clamp_min(eps)      # S_bar
+        class_scatter = z.new_zeros(num_groups).index_add(0, gid, centred.square().sum(1))
+        class_scatter = (class_scatter / counts.clamp_min(1)).clamp_min(eps)       # S_c (G,)
+        ratio = class_scatter / total_scatter                                      # r_c
+        var_term = -torch.log(ratio)
+
+        # effective-rank barrier: Gram (G, K, K) has the non-zero eigenvalues of n_c Cov_c
+        gram = padded @ padded.transpose(1, 2)
+        eigvals = torch.linalg.eigvalsh(gram).clamp_min(0)                        # (G, K)
+        p = eigvals / eigvals.sum(1, keepdim=True).clamp_min(eps)
+        entropy = -(p * torch.log(p.clamp_min(eps))).sum(1)                        # log erank_c
+        if rank_norm == 'dim':
+            log_norm = torch.full_like(entropy, math.log(dim))
+        else:
+            log_norm = torch.log((counts - 1).clamp(min=1, max=dim))
+        rank_term = log_norm - entropy                                             # -log(erank_c / N_c)
+
+        used = counts >= 2
+        num_used = used.sum()
+        denom = num_used.clamp_min(1).to(dtype)
+        zero = torch.zeros((), dtype=dtype, device=z.device)
+        r_var = torch.where(used, var_term, zero).sum() / denom
+        r_rank = torch.where(used, rank_term, zero).sum() / denom
+        reg = r_var + r_rank
+
+    with torch.no_grad():
+        nan = torch.full((), float('nan'), dtype=dtype, device=z.device)
+        inf = torch.full((), float('inf'), dtype=dtype, device=z.device)
+        min_r = torch.where(used, ratio, inf).amin() if num_groups else inf
+        min_erank = torch.where(used, entropy.exp() / dim, inf).amin() if num_groups else inf
+        stats = {
+            'R': reg.detach(),
+            'R_var': r_var.detach(),
+            'R_rank': r_rank.detach(),
+            'classes_used': num_used,
+            'min_r': torch.where(num_used > 0, min_r, nan),
+            'min_erank_frac': torch.where(num_used > 0, min_erank, nan),
+        }
+    return reg, stats
+
+
+class CarrotRegularizer(nn.Module):
+    """nn.Module form of :func:`carrot_regularizer`: forward(z (B, D), target) -> (R, stats)."""
+
+    def __init__(
+            self,
+            rank_norm: str = 'dim',
+            max_classes: Optional[int] = None,
+            max_per_class: Optional[int] = None,
+            eps: float = 1e-12,
+    ):
+        super().__init__()
+        if rank_norm not in RANK_NORMS:
+            raise ValueError(f'CarrotRegularizer: rank_norm must be one of {RANK_NORMS}, got {rank_norm!r}')
+        self.rank_norm = rank_norm
+        self.max_classes = max_classes
+        self.max_per_class = max_per_class
+        self.eps = eps
+
+    def extra_repr(self) -> str:
+        return f'rank_norm={self.rank_norm!r}, max_classes={self.max_classes}, max_per_class={self.max_per_class}'
+
+    def forward(self, z: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        return carrot_regularizer(
+            z, target, rank_norm=self.rank_norm, max_classes=self.max_classes,
+            max_per_class=self.max_per_class, eps=self.eps)

@@ -1,0 +1,126 @@
+"""ZZZ head: one low-rank-plus-isotropic Gaussian per class on L2-normalised features.
+
+For x = normalize(feat) (B, d), class mean m_c = normalize(mu_c), delta = x - m_c, alpha = 1 / sigma^2:
+
+    Sigma_c = U_c diag(v_c) U_c^T + sigma^2 I            U_c = QR(A_c).Q  (d, r), orthonormal
+    logit_c = -1/2 (delta^T Sigma_c^-1 delta + log|Sigma_c|) + bias_c
+
+computed in closed form (Woodbury identity and matrix determinant lemma, t = U_c^T delta):
+
+    delta^T Sigma_c^-1 delta = alpha ||delta||^2 - sum_k t_k^2 alpha^2 v_k / (1 + alpha v_k)
+    log|Sigma_c|             = d log sigma^2 + sum_k log1p(alpha v_k)
+
+with ||delta||^2 = ||x||^2 - 2 x.m_c + ||m_c||^2 and t = U_c^T x - U_c^T m_c, so the whole head is two
+matrix products against (d, C) and (d, C r) weights: no (B, C, d) tensor, no d x d inverse or determinant.
+Rank 0 is the same code with an empty basis: alpha ||x - m_c||^2 + d log sigma^2, a cosine classifier.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float32, or float64 when any input is float64: half precision cancels in the expanded form."""
+    out = torch.float32
+    for dtype in dtypes:
+        out = torch.promote_types(out, dtype)
+    return out
+
+
+class ZZZHead(nn.Module):
+    """Gaussian classifier head; the logits are class log-likelihoods plus a bias.
+
+    Args:
+        num_classes: C, number of classes (>= 1).
+        feat_dim: d, size of the pooled embedding fed to the head.
+        rank: r, rank of each class's covariance subspace, 0 <= r <= d (0: cosine head).
+        v_min: floor added to the directional variances, v_c = softplus(v_raw_c) + v_min.
+        sigma2_min: floor added to the isotropic variance, sigma^2 = softplus(sigma2_raw) + sigma2_min.
+
+    Parameters (names fixed by the design, checkpoints rely on them):
+        mu (C, d), A (C, d, r) and v_raw (C, r) when r > 0, sigma2_raw (), bias (C,).
+
+    Shapes: forward(feats (B, d)) -> logits (B, C). The head runs in float32 (float64 for float64
+    inputs) with autocast disabled inside, and returns float32 logits: the dtype timm's losses compute
+    softmax / cross-entropy in under autocast anyway.
+    """
+
+    def __init__(
+            self,
+            num_classes: int,
+            feat_dim: int,
+            rank: int = 8,
+            v_min: float = 1e-4,
+            sigma2_min: float = 1e-4,
+    ):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f'ZZZHead: num_classes must be >= 1, got {num_classes}')
+        if feat_dim < 1:
+            raise ValueError(f'ZZZHead: feat_dim must be >= 1, got {feat_dim}')
+        if rank < 0 or rank > feat_dim:
+            raise ValueError(
+                f'ZZZHead: rank must be in [0, feat_dim={feat_dim}], got rank={rank}; '
+                f'pass a rank of at most the embedding size')
+        self.num_classes = num_classes
+        self.feat_dim = feat_dim
+        self.rank = rank
+        self.v_min = v_min
+        self.sigma2_min = sigma2_min
+
+        self.mu = nn.Parameter(torch.randn(num_classes, feat_dim) * 0.02)
+        if rank > 0:
+            self.A = nn.Parameter(torch.randn(num_classes, feat_dim, rank) * 0.02)
+            self.v_raw = nn.Parameter(torch.zeros(num_classes, rank))
+        self.sigma2_raw = nn.Parameter(torch.zeros(()))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+
+    def extra_repr(self) -> str:
+        return f'num_classes={self.num_classes}, feat_dim={self.feat_dim}, rank={self.rank}'
+
+    def basis(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """U (C, d, r): orthonormal columns, the reduced QR of A batched over classes; (C, d, 0) at rank 0."""
+        if self.rank == 0:
+            return self.mu.new_zeros(self.num_classes, self.feat_dim, 0, dtype=dtype)
+        return torch.linalg.qr(self.A.to(dtype)).Q
+
+    def variances(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """v (C, r) = softplus(v_raw) + v_min: variances along the columns of U; (C, 0) at rank 0."""
+        if self.rank == 0:
+            return self.mu.new_zeros(self.num_classes, 0, dtype=dtype)
+        return F.softplus(self.v_raw.to(dtype)) + self.v_min
+
+    def sigma2(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """sigma^2 () = softplus(sigma2_raw) + sigma2_min: the isotropic variance shared by all classes."""
+        return F.softplus(self.sigma2_raw.to(dtype)) + self.sigma2_min
+
+    def log_likelihood(self, feats: torch.Tensor) -> torch.Tensor:
+        """Class log-likelihoods without the bias: (B, d) -> (B, C), float32 (float64 for float64 input)."""
+        if feats.ndim != 2 or feats.shape[1] != self.feat_dim:
+            raise ValueError(
+                f'ZZZHead: expected features of shape (B, {self.feat_dim}), got {tuple(feats.shape)}; '
+                f'feat_dim must equal the embedding size of the backbone')
+        dtype = _compute_dtype(feats.dtype, self.mu.dtype)
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            x = F.normalize(feats.to(dtype), dim=1)                         # (B, d)
+            m = F.normalize(self.mu.to(dtype), dim=1)                       # (C, d)
+            U = self.basis(dtype)                                           # (C, d, r)
+            v = self.variances(dtype)                                       # (C, r)
+            sigma2 = self.sigma2(dtype)                                     # ()
+            alpha = 1.0 / sigma2
+
+            # ||x - m_c||^2 expanded: (B, C)
+            dist2 = (x * x).sum(1, keepdim=True) - 2.0 * (x @ m.T) + (m * m).sum(1)
+            # t = U_c^T x - U_c^T m_c: (B, C, r) from one (B, d) x (d, C r) product
+            C, d, r = U.shape
+            xu = (x @ U.permute(1, 0, 2).reshape(d, C * r)).view(x.shape[0], C, r)
+            mu_proj = torch.einsum('cdr,cd->cr', U, m)                      # (C, r)
+            t = xu - mu_proj
+            shrink = alpha * alpha * v / (1.0 + alpha * v)                  # (C, r)
+            mahalanobis = alpha * dist2 - (t * t * shrink).sum(-1)         # (B, C)
+            logdet = d * torch.log(sigma2) + torch.log1p(alpha * v).sum(-1)  # (C,)
+            return -0.5 * (mahalanobis + logdet)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) = log_likelihood(feats) + bias."""
+        return self.log_likelihood(feats) + self.bias.to(_compute_dtype(feats.dtype, self.mu.dtype))
