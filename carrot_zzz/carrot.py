@@ -13,8 +13,9 @@ For z (B, D) with labels y, S_bar = mean_i ||z_i - mean(z)||^2, and every class 
 
 Vectorised: samples are sorted by label, class means come from index_add, centred rows go into a padded
 (G, K, D) buffer whose Gram matrices (G, K, K) share their non-zero eigenvalues with the covariances, and
-one batched eigvalsh serves every class. The sizes G (classes in the batch) and K (largest class) need one
-host sync, or none when the caller passes them as static bounds (a P x K sampler knows both).
+one batched symmetric eigensolver serves every class (LAPACK on the CPU, sync-free Jacobi sweeps on
+accelerators: see jacobi.py). The sizes G (classes in the batch) and K (largest class) need one host sync,
+or none when the caller passes them as static bounds (a P x K sampler knows both).
 
 Statistics run in float32 (float64 for float64 input) with autocast disabled. Floors keep the value and the
 gradients finite where the literal form gives 0/0 or -log 0: S_c and S_bar are floored at eps, and p at eps
@@ -25,9 +26,13 @@ from typing import Dict, Optional, Tuple
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .jacobi import symmetric_eigvals
+
 RANK_NORMS = ('dim', 'attainable')
+STAT_NAMES = ('R', 'R_var', 'R_rank', 'classes_used', 'min_r', 'min_erank_frac')
 
 
 def labels_from_target(target: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -83,19 +88,20 @@ def carrot_regularizer(
         is_start = torch.ones_like(labels_sorted, dtype=torch.bool)
         is_start[1:] = labels_sorted[1:] != labels_sorted[:-1]
         gid = torch.cumsum(is_start, 0) - 1
-        if max_per_class is None:   # the one host sync: sizes of the padded buffer
-            counts = torch.bincount(gid)
-            num_groups, group_size = torch.stack([gid[-1] + 1, counts.max()]).tolist() if batch_size else (0, 0)
+        # samples per group (B,), zero past the last group; index_add, as bincount would sync on CUDA
+        counts = z.new_zeros(batch_size).index_add(0, gid, z.new_ones(batch_size))
+        if batch_size == 0:
+            num_groups, group_size = 0, 0
+        elif max_per_class is None:   # the one host sync: the sizes of the padded buffer
+            num_groups, group_size = torch.stack([gid[-1] + 1, counts.max().long()]).tolist()
         else:
             num_groups = batch_size if max_classes is None else max_classes
             group_size = max_per_class
-            counts = torch.bincount(gid, minlength=num_groups)
-            if batch_size:
-                torch._assert_async(
-                    (counts.max() <= group_size) & (gid[-1] < num_groups),
-                    'carrot: the batch has more classes than max_classes or more samples of a class than '
-                    'max_per_class; pass bounds that hold for every batch, or none')
-        counts = counts[:num_groups].to(dtype)                               # (G,) samples per class
+            torch._assert_async(
+                (counts.max() <= group_size) & (gid[-1] < num_groups),
+                'carrot: the batch has more classes than max_classes or more samples of a class than '
+                'max_per_class; pass bounds that hold for every batch, or none')
+        counts = F.pad(counts, (0, max(num_groups - batch_size, 0)))[:num_groups]  # (G,) samples per class
         start = torch.cumsum(counts, 0) - counts
         pos = torch.arange(batch_size, device=z.device) - start.long()[gid]
 
@@ -114,7 +120,7 @@ def carrot_regularizer(
 
         # effective-rank barrier: Gram (G, K, K) has the non-zero eigenvalues of n_c Cov_c
         gram = padded @ padded.transpose(1, 2)
-        eigvals = torch.linalg.eigvalsh(gram).clamp_min(0)                        # (G, K)
+        eigvals = symmetric_eigvals(gram).clamp_min(0)                             # (G, K)
         p = eigvals / eigvals.sum(1, keepdim=True).clamp_min(eps)
         entropy = -(p * torch.log(p.clamp_min(eps))).sum(1)                        # log erank_c
         if rank_norm == 'dim':
@@ -136,19 +142,20 @@ def carrot_regularizer(
         inf = torch.full((), float('inf'), dtype=dtype, device=z.device)
         min_r = torch.where(used, ratio, inf).amin() if num_groups else inf
         min_erank = torch.where(used, entropy.exp() / dim, inf).amin() if num_groups else inf
-        stats = {
-            'R': reg.detach(),
-            'R_var': r_var.detach(),
-            'R_rank': r_rank.detach(),
-            'classes_used': num_used,
-            'min_r': torch.where(num_used > 0, min_r, nan),
-            'min_erank_frac': torch.where(num_used > 0, min_erank, nan),
-        }
+        stats = dict(zip(STAT_NAMES, (
+            reg.detach(), r_var.detach(), r_rank.detach(), num_used,
+            torch.where(num_used > 0, min_r, nan), torch.where(num_used > 0, min_erank, nan))))
     return reg, stats
 
 
 class CarrotRegularizer(nn.Module):
-    """nn.Module form of :func:`carrot_regularizer`: forward(z (B, D), target) -> (R, stats)."""
+    """nn.Module form of :func:`carrot_regularizer`: forward(z (B, D), target) -> (R, stats).
+
+    cuda_graph: with static bounds (max_classes and max_per_class) and embeddings on CUDA that require
+    grad, the forward and backward of the regulariser are captured once per input shape as CUDA graphs
+    (torch.cuda.make_graphed_callables) and replayed: a few kernel launches a step instead of a few
+    hundred. Elsewhere it runs eagerly. The returned stats are copies, safe to keep across steps.
+    """
 
     def __init__(
             self,
@@ -156,19 +163,43 @@ class CarrotRegularizer(nn.Module):
             max_classes: Optional[int] = None,
             max_per_class: Optional[int] = None,
             eps: float = 1e-12,
+            cuda_graph: bool = False,
     ):
         super().__init__()
         if rank_norm not in RANK_NORMS:
             raise ValueError(f'CarrotRegularizer: rank_norm must be one of {RANK_NORMS}, got {rank_norm!r}')
+        if cuda_graph and (max_classes is None or max_per_class is None):
+            raise ValueError('CarrotRegularizer: cuda_graph=True needs static bounds max_classes and max_per_class')
         self.rank_norm = rank_norm
         self.max_classes = max_classes
         self.max_per_class = max_per_class
         self.eps = eps
+        self.cuda_graph = cuda_graph
+        self._graphed = {}
 
     def extra_repr(self) -> str:
-        return f'rank_norm={self.rank_norm!r}, max_classes={self.max_classes}, max_per_class={self.max_per_class}'
+        return (f'rank_norm={self.rank_norm!r}, max_classes={self.max_classes}, '
+                f'max_per_class={self.max_per_class}, cuda_graph={self.cuda_graph}')
 
-    def forward(self, z: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def _eager(self, z: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         return carrot_regularizer(
             z, target, rank_norm=self.rank_norm, max_classes=self.max_classes,
             max_per_class=self.max_per_class, eps=self.eps)
+
+    def forward(self, z: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        if not (self.cuda_graph and z.is_cuda and z.requires_grad and torch.is_grad_enabled()):
+            return self._eager(z, target)
+        labels = labels_from_target(target, z.shape[0])
+        key = (tuple(z.shape), z.dtype, z.device)
+        if key not in self._graphed:
+            def flat(z_, labels_):
+                reg, stats = self._eager(z_, labels_)
+                return reg, torch.stack([v.to(reg.dtype) for v in stats.values()])
+            sample = (z.detach().clone().requires_grad_(True), labels.clone())
+            with torch.autocast(device_type='cuda', enabled=False):   # capture refuses autocast's cache
+                self._graphed[key] = torch.cuda.make_graphed_callables(flat, sample)
+        reg, packed = self._graphed[key](z, labels)
+        values = packed.clone()
+        stats = dict(zip(STAT_NAMES, values.unbind()))
+        stats['classes_used'] = stats['classes_used'].long()
+        return reg, stats

@@ -2,7 +2,7 @@
 
 For x = normalize(feat) (B, d), class mean m_c = normalize(mu_c), delta = x - m_c, alpha = 1 / sigma^2:
 
-    Sigma_c = U_c diag(v_c) U_c^T + sigma^2 I            U_c = QR(A_c).Q  (d, r), orthonormal
+    Sigma_c = U_c diag(v_c) U_c^T + sigma^2 I            U_c = QR(A_c).Q  (d, r), orthonormal (Cholesky QR, see basis())
     logit_c = -1/2 (delta^T Sigma_c^-1 delta + log|Sigma_c|) + bias_c
 
 computed in closed form (Woodbury identity and matrix determinant lemma, t = U_c^T delta):
@@ -11,7 +11,8 @@ computed in closed form (Woodbury identity and matrix determinant lemma, t = U_c
     log|Sigma_c|             = d log sigma^2 + sum_k log1p(alpha v_k)
 
 with ||delta||^2 = ||x||^2 - 2 x.m_c + ||m_c||^2 and t = U_c^T x - U_c^T m_c, so the whole head is two
-matrix products against (d, C) and (d, C r) weights: no (B, C, d) tensor, no d x d inverse or determinant.
+matrix products against (d, C) and (d, C r) weights: no (B, C, d) tensor, no d x d inverse or determinant,
+no host sync.
 Rank 0 is the same code with an empty basis: alpha ||x - m_c||^2 + d log sigma^2, a cosine classifier.
 """
 import torch
@@ -79,10 +80,21 @@ class ZZZHead(nn.Module):
         return f'num_classes={self.num_classes}, feat_dim={self.feat_dim}, rank={self.rank}'
 
     def basis(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """U (C, d, r): orthonormal columns, the reduced QR of A batched over classes; (C, d, 0) at rank 0."""
+        """U (C, d, r): the orthonormal factor of the reduced QR of A, batched over classes; (C, d, 0) at rank 0.
+
+        Computed as Cholesky QR, twice, in float64: R^T R = Q^T Q (r x r), Q <- Q R^-1, starting from Q = A.
+        That is QR(A).Q up to the signs of its columns (which the logits do not see), with batched r x r
+        Cholesky factorisations and triangular solves instead of C Householder QRs: no host sync on CUDA,
+        and the second pass makes U orthonormal to float64 round-off for cond(A_c) up to about 1e7. As with
+        Householder QR, a column of A_c that is exactly zero makes U_c (and its gradient) non-finite.
+        """
         if self.rank == 0:
             return self.mu.new_zeros(self.num_classes, self.feat_dim, 0, dtype=dtype)
-        return torch.linalg.qr(self.A.to(dtype)).Q
+        q = self.A.to(torch.float64)
+        for _ in range(2):
+            chol = torch.linalg.cholesky_ex(q.transpose(1, 2) @ q).L                   # (C, r, r) = R^T
+            q = torch.linalg.solve_triangular(chol, q.transpose(1, 2), upper=False).transpose(1, 2)
+        return q.to(dtype)
 
     def variances(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """v (C, r) = softplus(v_raw) + v_min: variances along the columns of U; (C, 0) at rank 0."""
