@@ -1,6 +1,9 @@
 """carrot-zzz: the ZZZ Gaussian head and the CARROT regulariser for fine-grained classification with timm."""
 from .carrot import CarrotRegularizer, carrot_regularizer
 from .zzz_head import ZZZHead
+from .registry import register_zzz
+from .model import ZZZModel
+from .weights import load_weights, save_weights
 
 __version__ = '0.1.0'
-__all__ = ['ZZZHead', 'CarrotRegularizer', 'carrot_regularizer']
+__all__ = ['ZZZHead', 'CarrotRegularizer', 'carrot_regularizer', 'register_zzz', 'ZZZModel', 'save_weights', 'load_weights']
