@@ -1,0 +1,91 @@
+"""timm training task that adds the CARROT regulariser to the classification loss.
+
+    logits, z = model(x, return_embedding=True)          one backbone pass; z (B, D), logits (B, C)
+    y         = argmax(target) for soft targets           (mixup / cutmix / smoothing: dominant class)
+    z, y      = gather over ranks                         scope 'global' under DDP, with gradient
+    loss      = criterion(logits, target) + w * R(z, y)
+
+The task is called by the training loop inside its autocast region, and the loop then divides `loss` by
+the accumulation steps and hands it to the loss scaler: CARROT rides timm's loss path unchanged (fp16
+scaling, clipping, accumulation with DDP no_sync, EMA). The returned dict carries detached 0-d tensors for
+logging (no host sync): task_loss, R, R_var, R_rank, classes_used, min_r, min_erank_frac and used_frac,
+the fraction of the (gathered) batch whose class has at least 2 samples there, i.e. that CARROT sees.
+"""
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+from torch import nn
+from timm.task import ClassificationTask
+
+from .carrot import RANK_NORMS, carrot_regularizer, labels_from_target
+from .distributed import all_gather_nograd, all_gather_with_grad
+
+CARROT_SCOPES = ('global', 'local')
+CARROT_STATS = ('task_loss', 'R', 'R_var', 'R_rank', 'classes_used', 'min_r', 'min_erank_frac', 'used_frac')
+
+
+def used_fraction(labels: torch.Tensor) -> torch.Tensor:
+    """Fraction of samples whose class occurs at least twice in `labels` (B,): 0-d float, no host sync."""
+    if labels.numel() == 0:
+        return labels.new_zeros((), dtype=torch.float32)
+    s = torch.sort(labels).values
+    count = torch.searchsorted(s, s, right=True) - torch.searchsorted(s, s, right=False)
+    return (count >= 2).float().mean()
+
+
+class CarrotClassificationTask(ClassificationTask):
+    """ClassificationTask whose loss is criterion(logits, target) + carrot_weight * R(embedding, labels).
+
+    Args:
+        model: a carrot_zzz model: model(x, return_embedding=True) -> (logits (B, C), embedding (B, D)).
+        criterion: the task loss (timm's train.py choice: CE, label smoothing, soft-target CE, BCE).
+        carrot_weight: w.
+        rank_norm: 'dim' or 'attainable', see carrot_regularizer.
+        scope: 'global' gathers embeddings and labels over DDP ranks (with gradient) so R sees the global
+            batch; 'local' uses each rank's batch. Without DDP both are the same.
+        max_classes, max_per_class: static bounds for carrot_regularizer over the batch it sees (the
+            gathered one for 'global'); with both, no host sync (P x K sampler).
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            criterion: Optional[Union[nn.Module, Callable]] = None,
+            carrot_weight: float = 1.0,
+            rank_norm: str = 'dim',
+            scope: str = 'global',
+            max_classes: Optional[int] = None,
+            max_per_class: Optional[int] = None,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            verbose: bool = True,
+    ):
+        super().__init__(model, criterion, device=device, dtype=dtype, verbose=verbose)
+        if rank_norm not in RANK_NORMS:
+            raise ValueError(f'carrot rank_norm must be one of {RANK_NORMS}, got {rank_norm!r}')
+        if scope not in CARROT_SCOPES:
+            raise ValueError(f'carrot scope must be one of {CARROT_SCOPES}, got {scope!r}')
+        self.carrot_weight = carrot_weight
+        self.rank_norm = rank_norm
+        self.scope = scope
+        self.max_classes = max_classes
+        self.max_per_class = max_per_class
+
+    def regularizer(self, embedding: torch.Tensor, target: torch.Tensor):
+        """(R, stats) for local embeddings (B, D) and targets (B,) or (B, C), gathered when scope is global."""
+        labels = labels_from_target(target, embedding.shape[0])
+        if self.scope == 'global':
+            embedding = all_gather_with_grad(embedding)
+            labels = all_gather_nograd(labels)
+        reg, stats = carrot_regularizer(
+            embedding, labels, rank_norm=self.rank_norm,
+            max_classes=self.max_classes, max_per_class=self.max_per_class)
+        stats['used_frac'] = used_fraction(labels)
+        return reg, stats
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
+        output, embedding = self.trainable_module(input, return_embedding=True)
+        task_loss = self.criterion(output, target)
+        reg, stats = self.regularizer(embedding, target)
+        loss = task_loss + self.carrot_weight * reg
+        return {'loss': loss, 'output': output, 'task_loss': task_loss.detach(), **stats}
