@@ -49,20 +49,11 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import NativeScaler
 
-import carrot_zzz
+import carrot_zzz  # noqa: F401  registers the `<arch>_zzz` models
+from carrot_zzz.data import create_dataset  # timm's create_dataset + the FGVC layouts and Fashion-MNIST
+from carrot_zzz.registry import ZZZ_SUFFIX, zzz_name
 from carrot_zzz.sampler import PKBatchSampler, dataset_targets
 from carrot_zzz.train_task import CARROT_SCOPES, CarrotClassificationTask
-
-try:  # carrot_zzz's `<arch>_zzz` models (idempotent; `import carrot_zzz` may already have registered them)
-    from carrot_zzz.registry import register_zzz
-    register_zzz()
-except ImportError:
-    pass
-
-try:
-    from carrot_zzz.data import create_dataset
-except ImportError:
-    from timm.data import create_dataset
 
 try:
     import wandb
@@ -467,7 +458,13 @@ def parse_args(argv=None):
 
 
 def check_args(args, parser):
-    """Reject unsupported flags and contradictory combinations before anything is built."""
+    """Reject unsupported flags, contradictory combinations and a missing data folder before anything is built."""
+    data_dir = args.data_dir or args.data
+    folder_dataset = not args.dataset or args.dataset.startswith(('folder/', 'imagefolder/', 'tar/'))
+    if folder_dataset and not data_dir:
+        fail('no data folder given; pass --data-dir DIR (an image folder with train/ and validation/ splits)')
+    if data_dir and not args.dataset_download and not os.path.exists(data_dir):
+        fail(f'data folder {data_dir} does not exist; pass --data-dir with the path of your dataset')
     for dest in UNSUPPORTED_FLAGS:
         if getattr(args, dest) != parser.get_default(dest):
             fail(f'{_flag(dest)} is not supported by this train.py yet; remove it (see README, unsupported flags)')
@@ -513,9 +510,9 @@ def resolve_model_name(args):
     kwargs = {}
     wants_wrapper = args.head is not None or args.carrot or args.zzz_rank is not None \
         or args.zzz_v_min is not None or args.zzz_sigma2_min is not None
-    if wants_wrapper and not name.endswith('_zzz'):
+    if wants_wrapper and not name.partition('.')[0].endswith(ZZZ_SUFFIX):
         kwargs['head_type'] = args.head or ('zzz' if args.zzz_rank is not None else 'linear')
-        name = name + '_zzz'
+        name = zzz_name(name)  # 'vit_base_patch16_224.augreg_in21k' -> 'vit_base_patch16_224_zzz.augreg_in21k'
     elif args.head is not None:
         kwargs['head_type'] = args.head
     for dest in ('zzz_rank', 'zzz_v_min', 'zzz_sigma2_min'):
@@ -819,11 +816,6 @@ def main(argv=None):
     # datasets
     if args.data and not args.data_dir:
         args.data_dir = args.data
-    folder_dataset = not args.dataset or args.dataset.startswith(('folder/', 'imagefolder/', 'tar/'))
-    if folder_dataset and not args.data_dir:
-        fail('no data folder given; pass --data-dir DIR (an image folder with train/ and validation/ splits)')
-    if args.data_dir and not args.dataset_download and not os.path.exists(args.data_dir):
-        fail(f'data folder {args.data_dir} does not exist; pass --data-dir with the path of your dataset')
     input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
 
     def _dataset(split, is_training, **kw):

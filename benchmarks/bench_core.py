@@ -230,20 +230,21 @@ def worker(task):
         rss_reset = _reset_peak_rss()
         base = _proc_status('VmRSS') if rss_reset else _peak_rss()
 
-    times = []
-    for i in range(task['warmup'] + task['iters']):
+    times, warmup, i = [], task['warmup'], 0
+    while len(times) < task['iters']:
         zero_grad()
         sync()
         t0 = time.perf_counter()
         step()
         sync()
         elapsed = time.perf_counter() - t0
-        if i >= task['warmup']:
+        if i >= warmup:
             times.append(elapsed)
             if len(times) >= 3 and sum(times) >= task['max_seconds']:
                 break
-        elif elapsed > 1.0 and i + 1 < task['warmup']:   # slow: one warm-up call is enough
-            task = dict(task, iters=task['iters'] + task['warmup'] - i - 1, warmup=i + 1)
+        elif elapsed > 1.0:   # slow: one warm-up call is enough
+            warmup = i + 1
+        i += 1
     zero_grad()
     sync()
 
@@ -317,7 +318,7 @@ def fmt(x, spec='.1f'):
 
 
 def fmt_diff(x):
-    return '–' if x is None else f'{x:.1e}'
+    return '–' if x is None or isinstance(x, str) else f'{x:.1e}'
 
 
 def ratio(a, b):

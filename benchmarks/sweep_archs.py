@@ -20,7 +20,10 @@ import signal
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's carrot_zzz, not an installed copy
 
 # size words in timm names, for trying small architectures first (unknown: 'base')
 _SIZE_ORDER = [
@@ -136,10 +139,12 @@ def try_arch(args: Tuple[str, int, str, bool, int, float]) -> Dict[str, Any]:
             except Exception as e:  # any failure of an arbitrary architecture is a result
                 err = e
                 out['built'] = out['built'] or state['built']
+                if not state['built'] and not kw:
+                    break  # create_model failed without size kwargs: another input size cannot help
         if err is not None:
             out['reason'] = _reason(err)
             try:  # is the base itself buildable headless? (the goal covers those only)
-                kw, sz = attempts[-1]
+                kw, sz = attempts[0]
                 _build_and_run(arch, kw, sz, device, False, True, {})
                 out['base_ok'] = True
             except Timeout:

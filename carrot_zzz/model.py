@@ -9,6 +9,7 @@ v_raw, sigma2_raw, bias; linear: weight, bias). `create_zzz_model` is what every
 calls; the base weights load through timm's own pretrained machinery (the base entrypoint, its
 pretrained_cfg and checkpoint filter), so every weight source timm supports for the base works here.
 """
+import inspect
 import logging
 import re
 from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
@@ -74,6 +75,32 @@ def embedding_dim(backbone: nn.Module) -> int:
     return dim
 
 
+def _check_forward_head(backbone: nn.Module) -> None:
+    """Raise TypeError when the backbone's forward_head takes no pre_logits or is a NotImplementedError stub.
+
+    Some timm encoders (e.g. qwen3_vit_*_enc, gemma4_vit_*_enc, mobilenetv5_*_enc) build with num_classes=0 but
+    have no pooled embedding. Probing forward_head with an empty CPU tensor is free: a real head fails on the
+    shape (any other error) or returns, a stub raises NotImplementedError before touching it.
+    """
+    try:
+        params = inspect.signature(backbone.forward_head).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if params and 'pre_logits' not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        raise TypeError(
+            f'{type(backbone).__name__}.forward_head takes no pre_logits argument: the model has no pooled '
+            f'pre-logits embedding to put a classifier head on')
+    try:
+        with torch.no_grad():
+            backbone.forward_head(torch.zeros(0), pre_logits=True)
+    except NotImplementedError as e:
+        raise TypeError(
+            f'{type(backbone).__name__}.forward_head is not implemented ({e}): the model has no pooled '
+            f'embedding to put a classifier head on') from e
+    except Exception:
+        pass
+
+
 class ZZZModel(nn.Module):
     """A timm backbone (num_classes=0) + a ZZZHead or nn.Linear head, with timm's model API.
 
@@ -105,6 +132,7 @@ class ZZZModel(nn.Module):
                 raise TypeError(
                     f'{type(backbone).__name__} has no {method}(): a _zzz model needs timm\'s '
                     f'forward_features / forward_head(pre_logits=True) split to put a head on the pooled embedding')
+        _check_forward_head(backbone)
         self.backbone = backbone
         self.head_type = head_type
         self.zzz_rank = zzz_rank
@@ -323,7 +351,7 @@ def create_zzz_model(
             num_classes=0,
             **kwargs,
         )
-    except (FileNotFoundError, ConnectionError, OSError):
+    except OSError:  # a missing weight file or an unreachable hub: not the architecture's fault
         raise
     except Exception as e:
         raise RuntimeError(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from timm.task import ClassificationTask
 
-from .carrot import RANK_NORMS, carrot_regularizer, labels_from_target
+from .carrot import RANK_NORMS, CarrotRegularizer, labels_from_target
 from .distributed import all_gather_nograd, all_gather_with_grad
 
 CARROT_SCOPES = ('global', 'local')
@@ -45,6 +45,8 @@ class CarrotClassificationTask(ClassificationTask):
             batch; 'local' uses each rank's batch. Without DDP both are the same.
         max_classes, max_per_class: static bounds for carrot_regularizer over the batch it sees (the
             gathered one for 'global'); with both, no host sync (P x K sampler).
+        cuda_graph: replay the regulariser as a CUDA graph on CUDA (CarrotRegularizer(cuda_graph=True));
+            None: whenever both static bounds are given. Eager elsewhere.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class CarrotClassificationTask(ClassificationTask):
             scope: str = 'global',
             max_classes: Optional[int] = None,
             max_per_class: Optional[int] = None,
+            cuda_graph: Optional[bool] = None,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
@@ -70,6 +73,10 @@ class CarrotClassificationTask(ClassificationTask):
         self.scope = scope
         self.max_classes = max_classes
         self.max_per_class = max_per_class
+        if cuda_graph is None:
+            cuda_graph = max_classes is not None and max_per_class is not None
+        self.carrot = CarrotRegularizer(
+            rank_norm=rank_norm, max_classes=max_classes, max_per_class=max_per_class, cuda_graph=cuda_graph)
 
     def regularizer(self, embedding: torch.Tensor, target: torch.Tensor):
         """(R, stats) for local embeddings (B, D) and targets (B,) or (B, C), gathered when scope is global."""
@@ -77,9 +84,7 @@ class CarrotClassificationTask(ClassificationTask):
         if self.scope == 'global':
             embedding = all_gather_with_grad(embedding)
             labels = all_gather_nograd(labels)
-        reg, stats = carrot_regularizer(
-            embedding, labels, rank_norm=self.rank_norm,
-            max_classes=self.max_classes, max_per_class=self.max_per_class)
+        reg, stats = self.carrot(embedding, labels)
         stats['used_frac'] = used_fraction(labels)
         return reg, stats
 

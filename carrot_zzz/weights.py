@@ -215,7 +215,7 @@ def read_weights(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str
             return state_dict, meta
         from timm.models import load_state_dict
         return load_state_dict(str(path)), {}
-    except (OSError, RuntimeError, ValueError, EOFError, Exception) as e:
+    except Exception as e:  # safetensors / torch.load errors on a truncated or corrupt file
         raise ValueError(
             f'{path} is not a readable weight file, it is truncated or corrupt ({type(e).__name__}: {e}); '
             f'save it again with save_weights') from e

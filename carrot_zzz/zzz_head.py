@@ -2,7 +2,7 @@
 
 For x = normalize(feat) (B, d), class mean m_c = normalize(mu_c), delta = x - m_c, alpha = 1 / sigma^2:
 
-    Sigma_c = U_c diag(v_c) U_c^T + sigma^2 I            U_c = QR(A_c).Q  (d, r), orthonormal (Cholesky QR, see basis())
+    Sigma_c = U_c diag(v_c) U_c^T + sigma^2 I            U_c = QR(A_c).Q  (d, r), orthonormal (Cholesky QR, see basis_factors())
     logit_c = -1/2 (delta^T Sigma_c^-1 delta + log|Sigma_c|) + bias_c
 
 computed in closed form (Woodbury identity and matrix determinant lemma, t = U_c^T delta):
@@ -10,9 +10,9 @@ computed in closed form (Woodbury identity and matrix determinant lemma, t = U_c
     delta^T Sigma_c^-1 delta = alpha ||delta||^2 - sum_k t_k^2 alpha^2 v_k / (1 + alpha v_k)
     log|Sigma_c|             = d log sigma^2 + sum_k log1p(alpha v_k)
 
-with ||delta||^2 = ||x||^2 - 2 x.m_c + ||m_c||^2 and t = U_c^T x - U_c^T m_c, so the whole head is two
-matrix products against (d, C) and (d, C r) weights: no (B, C, d) tensor, no d x d inverse or determinant,
-no host sync.
+with ||delta||^2 = ||x||^2 - 2 x.m_c + ||m_c||^2 and t = R_c^-T (A_c^T x - A_c^T m_c) (U_c = A_c R_c^-1),
+so the whole head is two matrix products against (d, C) and (d, C r) weights and r x r work per class:
+no (B, C, d) tensor, no d x d inverse or determinant, no host sync.
 Rank 0 is the same code with an empty basis: alpha ||x - m_c||^2 + d log sigma^2, a cosine classifier.
 """
 import torch
@@ -26,6 +26,66 @@ def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     for dtype in dtypes:
         out = torch.promote_types(out, dtype)
     return out
+
+
+class _Gram64(torch.autograd.Function):
+    """A (C, d, r) -> A^T A (C, r, r) in float64; the backward, dA = A (dG + dG^T), runs in A's dtype.
+
+    Only A itself is saved (a parameter, so no extra memory): autograd through A.double() would keep a
+    float64 copy of the whole (C, d, r) tensor alive until the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, A: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(A)
+        A64 = A.to(torch.float64)
+        return A64.transpose(1, 2) @ A64
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        A, = ctx.saved_tensors
+        grad = grad.to(A.dtype)
+        return A @ (grad + grad.transpose(1, 2))
+
+
+class _CentredProjection(torch.autograd.Function):
+    """(x (B, d), m (C, d), A (C, d, r)) -> P (B, C, r), P[b, c] = A_c^T (x_b - m_c).
+
+    One (B, d) x (d, C r) matrix product each way. Only the inputs are saved (A is a parameter, m and x
+    are needed anyway), and the backward writes dA (C, d, r) into one buffer: autograd through einsum
+    would keep a reordered copy of A and sum three (C, d, r) gradient terms. dA_c = x^T g_c - m_c (sum_b g_bc)^T,
+    dx = sum_c g_c A_c^T, dm_c = -A_c sum_b g_bc.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, m: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, m, A)
+        (B, _), (C, d, r) = x.shape, A.shape
+        xa = (x @ A.permute(1, 0, 2).reshape(d, C * r)).view(B, C, r)         # (B, C, r)
+        ma = (m.unsqueeze(1) @ A).squeeze(1)                                 # (C, r)
+        return xa - ma
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, m, A = ctx.saved_tensors
+        (B, _), (C, d, r) = x.shape, A.shape
+        grad_sum = grad.sum(0)                                               # (C, r)
+        grad_x = grad_m = grad_A = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.reshape(B, C * r) @ A.permute(0, 2, 1).reshape(C * r, d)  # (B, d)
+        if ctx.needs_input_grad[1]:
+            grad_m = -(A @ grad_sum.unsqueeze(2)).squeeze(2)                  # (C, d)
+        if ctx.needs_input_grad[2]:
+            grad_A = (x.T @ grad.reshape(B, C * r)).view(d, C, r).permute(1, 0, 2).contiguous()
+            grad_A.baddbmm_(m.unsqueeze(2), grad_sum.unsqueeze(1), alpha=-1)   # - m_c (sum_b g_bc)^T
+        return grad_x, grad_m, grad_A
+
+
+def _inverse_cholesky_factor(gram: torch.Tensor) -> torch.Tensor:
+    """R^-1 (C, r, r) for gram = R^T R (C, r, r), R upper triangular: no host sync (cholesky_ex)."""
+    chol = torch.linalg.cholesky_ex(gram).L                                          # L = R^T
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device).expand_as(gram)
+    return torch.linalg.solve_triangular(chol, eye, upper=False).transpose(1, 2)   # L^-T = R^-1
 
 
 class ZZZHead(nn.Module):
@@ -79,22 +139,31 @@ class ZZZHead(nn.Module):
     def extra_repr(self) -> str:
         return f'num_classes={self.num_classes}, feat_dim={self.feat_dim}, rank={self.rank}'
 
-    def basis(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """U (C, d, r): the orthonormal factor of the reduced QR of A, batched over classes; (C, d, 0) at rank 0.
+    def basis_factors(self, dtype: torch.dtype = torch.float32):
+        """(A (C, d, r), M (C, r, r)) with U = A @ M the orthonormal factor of QR(A), batched over classes.
 
-        Computed as Cholesky QR, twice, in float64: R^T R = Q^T Q (r x r), Q <- Q R^-1, starting from Q = A.
-        That is QR(A).Q up to the signs of its columns (which the logits do not see), with batched r x r
-        Cholesky factorisations and triangular solves instead of C Householder QRs: no host sync on CUDA,
-        and the second pass makes U orthonormal to float64 round-off for cond(A_c) up to about 1e7. As with
-        Householder QR, a column of A_c that is exactly zero makes U_c (and its gradient) non-finite.
+        Cholesky QR: R^T R = A^T A (r x r Gram matrices, formed and factorised in float64), M = R^-1, so that
+        U = A R^-1 is QR(A).Q up to the signs of its columns (which the logits do not see). Only r x r
+        matrices are factorised: no C Householder QRs, no host sync on CUDA, and in float32 no (C, d, r) tensor
+        beyond A itself is kept for the backward pass (the forward never forms U; see log_likelihood). With
+        the Gram matrix formed in float64, U is orthonormal to float32 precision for cond(A_c) up to about 1e4;
+        in float64 a second pass (Cholesky QR2) makes it orthonormal to float64 round-off for cond(A_c) up to
+        about 1e7. As with Householder QR, a column of A_c that is exactly zero makes U_c non-finite.
+        At rank 0: (C, d, 0) and (C, 0, 0) empty tensors.
         """
         if self.rank == 0:
-            return self.mu.new_zeros(self.num_classes, self.feat_dim, 0, dtype=dtype)
-        q = self.A.to(torch.float64)
-        for _ in range(2):
-            chol = torch.linalg.cholesky_ex(q.transpose(1, 2) @ q).L                   # (C, r, r) = R^T
-            q = torch.linalg.solve_triangular(chol, q.transpose(1, 2), upper=False).transpose(1, 2)
-        return q.to(dtype)
+            return (self.mu.new_zeros(self.num_classes, self.feat_dim, 0, dtype=dtype),
+                    self.mu.new_zeros(self.num_classes, 0, 0, dtype=dtype))
+        A = self.A.to(dtype)
+        inv_r = _inverse_cholesky_factor(_Gram64.apply(A))                             # (C, r, r) float64
+        if dtype == torch.float64:  # a second pass on the formed basis (CholeskyQR2): float64 round-off
+            inv_r = inv_r @ _inverse_cholesky_factor(_Gram64.apply(A @ inv_r))
+        return A, inv_r.to(dtype)
+
+    def basis(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """U (C, d, r) = A @ M of basis_factors: the orthonormal basis of each class; (C, d, 0) at rank 0."""
+        A, inv_r = self.basis_factors(dtype)
+        return A @ inv_r
 
     def variances(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """v (C, r) = softplus(v_raw) + v_min: variances along the columns of U; (C, 0) at rank 0."""
@@ -116,18 +185,16 @@ class ZZZHead(nn.Module):
         with torch.autocast(device_type=feats.device.type, enabled=False):
             x = F.normalize(feats.to(dtype), dim=1)                         # (B, d)
             m = F.normalize(self.mu.to(dtype), dim=1)                       # (C, d)
-            U = self.basis(dtype)                                           # (C, d, r)
+            A, inv_r = self.basis_factors(dtype)                            # U_c = A_c @ inv_r_c
             v = self.variances(dtype)                                       # (C, r)
             sigma2 = self.sigma2(dtype)                                     # ()
             alpha = 1.0 / sigma2
 
             # ||x - m_c||^2 expanded: (B, C)
             dist2 = (x * x).sum(1, keepdim=True) - 2.0 * (x @ m.T) + (m * m).sum(1)
-            # t = U_c^T x - U_c^T m_c: (B, C, r) from one (B, d) x (d, C r) product
-            C, d, r = U.shape
-            xu = (x @ U.permute(1, 0, 2).reshape(d, C * r)).view(x.shape[0], C, r)
-            mu_proj = torch.einsum('cdr,cd->cr', U, m)                      # (C, r)
-            t = xu - mu_proj
+            # t = U_c^T (x - m_c) = inv_r_c^T (A_c^T x - A_c^T m_c): (B, C, r), U never formed
+            d = A.shape[1]
+            t = torch.einsum('bck,ckr->bcr', _CentredProjection.apply(x, m, A), inv_r)  # (B, C, r)
             shrink = alpha * alpha * v / (1.0 + alpha * v)                  # (C, r)
             mahalanobis = alpha * dist2 - (t * t * shrink).sum(-1)         # (B, C)
             logdet = d * torch.log(sigma2) + torch.log1p(alpha * v).sum(-1)  # (C,)

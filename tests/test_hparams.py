@@ -15,8 +15,8 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'hparams', '**', '*.yaml'), recurs
 @pytest.mark.parametrize('path', CONFIGS or [None], ids=[os.path.relpath(p, ROOT) for p in CONFIGS] or ['none'])
 def test_hparams_parse(path):
     if path is None:
-        args, _ = train.parse_args([])       # no YAML files yet: timm's defaults parse
+        args, _ = train.parse_args(['--data-dir', ROOT])       # no YAML files yet: timm's defaults parse
         assert args.model == 'resnet50'
         return
-    args, text = train.parse_args(['-c', path])
+    args, text = train.parse_args(['-c', path, '--data-dir', ROOT])  # the data folder is the user's
     assert args.config == path and text

@@ -154,6 +154,21 @@ def carrot_nosplit_net(pretrained=False, **kwargs):
     return build_model_with_cfg(_NoHeadSplit, 'carrot_nosplit_net', pretrained, **kwargs)
 
 
+class _EncoderOnly(_NoHeadSplit):
+    """Like timm's *_enc encoders (qwen3_vit_*_enc, gemma4_vit_*_enc): forward_head is a stub."""
+    num_features = 8
+
+    def forward_features(self, x):
+        return self.net(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        raise NotImplementedError('this encoder does not support classification use cases')
+
+
+def carrot_encoder_net(pretrained=False, **kwargs):
+    return build_model_with_cfg(_EncoderOnly, 'carrot_encoder_net', pretrained, **kwargs)
+
+
 def test_register_architecture_added_later():
     register_model(carrot_later_net)
     register_model(carrot_nosplit_net)
@@ -165,6 +180,10 @@ def test_register_architecture_added_later():
     # registered fine; the head cannot be replaced, so create_model (not import / registration) says why
     with pytest.raises(RuntimeError, match='carrot_nosplit_net_zzz.*cannot be replaced.*forward_features'):
         timm.create_model('carrot_nosplit_net_zzz', num_classes=4)
+    register_model(carrot_encoder_net)
+    register_zzz('carrot_encoder_net')
+    with pytest.raises(RuntimeError, match='carrot_encoder_net_zzz.*cannot be replaced.*forward_head is not implemented'):
+        timm.create_model('carrot_encoder_net_zzz', num_classes=4)
     with pytest.raises(ValueError, match='unknown timm architecture'):
         register_zzz('no_such_arch')
 

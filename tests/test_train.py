@@ -241,7 +241,7 @@ def test_checkpoint_write_is_atomic(data_dir, tmp_path, monkeypatch):
 
 def test_head_lr_param_groups():
     model = timm.create_model('test_vit_zzz', num_classes=NUM_CLASSES, zzz_rank=2, head_type='zzz')
-    args, _ = train.parse_args(['--data-dir', 'x', '--opt', 'adamw', '--lr', '1e-5', '--head-lr', '5e-4',
+    args, _ = train.parse_args(['--data-dir', ROOT, '--opt', 'adamw', '--lr', '1e-5', '--head-lr', '5e-4',
                                 '--layer-decay', '0.75', '--weight-decay', '0.05'])
     groups = train.head_param_groups(model, args, args.head_lr / args.lr)
     opt = timm.optim.create_optimizer_v2(model, opt='adamw', lr=args.lr, param_group_fn=lambda m: groups)
@@ -286,6 +286,17 @@ TIMM_FLAGS = """--config data --data-dir --dataset --train-split --val-split --t
 --kd-token-distill-type""".split()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_amp_pk_carrot(data_dir, tmp_path):
+    """On a GPU: fp16 AMP with the loss scaler, channels-last, accumulation, P x K bounds (CUDA-graphed CARROT)."""
+    argv = [data_dir, *BASE, '--device', 'cuda', '--epochs', '2', '--output', str(tmp_path), '--experiment', 'cuda',
+            '--head', 'zzz', '--zzz-rank', '2', '--carrot', '--sampler', 'pk', '--amp', '--channels-last',
+            '--grad-accum-steps', '2', '--model-ema']
+    out = train.main(argv)
+    rows = read_summary(out)
+    assert all(np.isfinite(float(r['train_R'])) for r in rows) and float(rows[0]['train_used_frac']) == 1.0
+
+
 def test_parser_speaks_timms_cli(tmp_path):
     assert len(TIMM_FLAGS) == 172
     _, parser = train.build_parsers()
@@ -294,7 +305,7 @@ def test_parser_speaks_timms_cli(tmp_path):
     # timm's defaults, YAML overrides, command line over YAML
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('batch_size: 32\nsmoothing: 0.0\nmodel: test_resnet\n')
-    args, text = train.parse_args(['-c', str(cfg), '--data-dir', 'x', '--batch-size', '8'])
+    args, text = train.parse_args(['-c', str(cfg), '--data-dir', ROOT, '--batch-size', '8'])
     assert (args.batch_size, args.smoothing, args.model, args.opt, args.lr_base, args.epochs) == \
         (8, 0.0, 'test_resnet', 'sgd', 0.1, 300)
     assert 'batch_size: 8' in text
@@ -311,16 +322,16 @@ def test_parser_speaks_timms_cli(tmp_path):
 ], ids=['naflex', 'kd', 'k-gt-batch', 'init-scale', 'init-bias', 'tta', 'rank-linear'])
 def test_rejected_flags(argv, message):
     with pytest.raises(SystemExit, match=message):
-        train.parse_args(['--data-dir', 'x', *argv])
+        train.parse_args(['--data-dir', ROOT, *argv])
 
 
 def test_unknown_yaml_key_is_rejected(tmp_path):
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('batch_size: 32\nbatch_sise: 16\nsome_new_timm_flag: null\n')
     with pytest.raises(SystemExit, match="unknown key 'batch_sise'"):
-        train.parse_args(['-c', str(cfg)])
+        train.parse_args(['-c', str(cfg), '--data-dir', ROOT])
     cfg.write_text('batch_size: 32\nsome_new_timm_flag: null\n')
-    assert train.parse_args(['-c', str(cfg)])[0].batch_size == 32
+    assert train.parse_args(['-c', str(cfg), '--data-dir', ROOT])[0].batch_size == 32
 
 
 def test_bad_input_stops_before_training(data_dir, tmp_path):
@@ -337,3 +348,16 @@ def test_bad_input_stops_before_training(data_dir, tmp_path):
         run(data_dir, tmp_path, 'x', '--head', 'zzz', '--zzz-rank', '100000')
     with pytest.raises(SystemExit, match='distinct classes'):
         run(data_dir, tmp_path, 'x', '--sampler', 'pk', '--samples-per-class', '2', '--carrot')
+
+
+@pytest.mark.parametrize('model, flags, expected', [
+    ('resnet18', ['--head', 'zzz'], ('resnet18_zzz', 'zzz')),
+    ('vit_base_patch16_224.augreg_in21k', ['--head', 'zzz'], ('vit_base_patch16_224_zzz.augreg_in21k', 'zzz')),
+    ('resnet18.a1_in1k', ['--carrot'], ('resnet18_zzz.a1_in1k', 'linear')),
+    ('resnet18_zzz.a1_in1k', ['--head', 'zzz'], ('resnet18_zzz.a1_in1k', 'zzz')),
+    ('resnet18.a1_in1k', [], ('resnet18.a1_in1k', None)),
+])
+def test_model_name_keeps_pretrained_tag(model, flags, expected):
+    args, _ = train.parse_args(['--data-dir', ROOT, '--model', model, *flags])
+    name, kwargs = train.resolve_model_name(args)
+    assert (name, kwargs.get('head_type')) == expected

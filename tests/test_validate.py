@@ -1,0 +1,124 @@
+"""validate.py end to end on the shipped Fashion-MNIST subset (1000 test images, 32 px, CPU), with checkpoints whose
+answers are known: a head bias of 1e4 on one class makes every prediction that class (top-1 10%, that class 100%,
+max softmax prob 1 everywhere, so the MSP cannot separate anything: AUROC 50%, FPR@95TPR 100%)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import validate  # noqa: E402
+
+try:
+    import carrot_zzz.registry  # noqa: F401
+    has_zzz = 'test_resnet_zzz' in timm.list_models('test_resnet_zzz')
+except ImportError:
+    has_zzz = False
+needs_zzz = pytest.mark.skipif(not has_zzz, reason='carrot_zzz.registry (the _zzz models) not available')
+
+COMMON = ['--dataset', 'fashion_mnist', '--device', 'cpu', '--img-size', '32', '-b', '500', '-j', '0']
+
+
+def _biased(model, bias_name, cls):
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd[bias_name][cls] = 1e4
+    return sd
+
+
+@pytest.fixture(scope='module')
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp('ckpt')
+    torch.manual_seed(0)
+    out = {}
+    plain = timm.create_model('test_resnet', num_classes=10)
+    out['plain_safetensors'] = str(d / 'plain.safetensors')
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in _biased(plain, 'fc.bias', 7).items()}, out['plain_safetensors'])
+    out['plain_pth'] = str(d / 'plain.pth.tar')
+    torch.save({'epoch': 3, 'state_dict': _biased(plain, 'fc.bias', 7)}, out['plain_pth'])
+    if has_zzz:
+        zzz = timm.create_model('test_resnet_zzz', num_classes=10, zzz_rank=4)
+        out['zzz_pth'] = str(d / 'zzz.pth.tar')          # timm's layout: state_dict + state_dict_ema (differ)
+        torch.save({'epoch': 3, 'state_dict': _biased(zzz, 'head.bias', 5),
+                    'state_dict_ema': _biased(zzz, 'head.bias', 3)}, out['zzz_pth'])
+    ood = d / 'ood' / 'noise'
+    ood.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for k in range(12):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(ood / f'{k}.png')
+    out['ood'] = str(d / 'ood')
+    out['dir'] = d
+    return out
+
+
+def _per_class(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_plain_safetensors_known_answer(ckpts):
+    d = ckpts['dir']
+    r = validate.main(COMMON + ['--model', 'test_resnet', '--checkpoint', ckpts['plain_safetensors'],
+                                '--results-file', str(d / 'plain.csv'), '--per-class-csv', str(d / 'pc.csv'),
+                                '--ood-data-dir', ckpts['ood']])
+    assert r['model'] == 'test_resnet' and r['top1'] == 10.0 and r['top1_err'] == 90.0
+    assert r['mean_class_acc'] == 10.0 and r['img_size'] == 32 and r['param_count'] > 0
+    assert r['ece'] == pytest.approx(90.0)                        # accuracy 0.1 at confidence 1.0
+    assert r['nll'] > 100                                         # 1e4 logit gap on 90% of the samples
+    assert r['ood_auroc_msp'] == 50.0 and r['ood_fpr95_msp'] == 100.0
+    assert 'ood_auroc_ll' not in r                                # no ZZZ head: no log-likelihood score
+    rows = _per_class(d / 'pc.csv')
+    assert [row['class_name'] for row in rows][:2] == ['T-shirt/top', 'Trouser']
+    assert [float(row['accuracy']) for row in rows] == [100.0 if c == 7 else 0.0 for c in range(10)]
+    assert {row['support'] for row in rows} == {'100'}
+    with open(d / 'plain.csv') as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == 1 and written[0]['top1'] == '10.0' and list(written[0])[:5] == [
+        'model', 'top1', 'top1_err', 'top5', 'top5_err']
+
+
+@needs_zzz
+def test_zzz_checkpoint_ema_and_not(ckpts):
+    d = ckpts['dir']
+    base = COMMON + ['--model', 'test_resnet_zzz', '--checkpoint', ckpts['zzz_pth'], '--per-class-csv']
+    r = validate.main(base + [str(d / 'ema.csv'), '--use-ema', '--ood-data-dir', ckpts['ood'],
+                              '--results-file', str(d / 'zzz.json'), '--results-format', 'json'])
+    assert r['top1'] == 10.0
+    assert [float(x['accuracy']) for x in _per_class(d / 'ema.csv')].index(100.0) == 3    # the EMA weights
+    assert r['ood_auroc_msp'] == 50.0 and 0.0 <= r['ood_auroc_ll'] <= 100.0 and 0.0 <= r['ood_fpr95_ll'] <= 100.0
+    with open(d / 'zzz.json') as f:
+        assert json.load(f) == json.loads(json.dumps(r))
+    # no --use-ema: state_dict; plain architecture name + a _zzz checkpoint -> <arch>_zzz, rank read from it
+    r = validate.main(COMMON + ['--model', 'test_resnet', '--checkpoint', ckpts['zzz_pth'],
+                                '--per-class-csv', str(d / 'raw.csv')])
+    assert r['model'] == 'test_resnet_zzz'
+    assert [float(x['accuracy']) for x in _per_class(d / 'raw.csv')].index(100.0) == 5
+
+
+def test_mismatch_and_missing_checkpoint_fail_clearly(ckpts, tmp_path):
+    with pytest.raises(SystemExit, match='class count.*10.*11|fc.weight'):
+        validate.main(COMMON + ['--model', 'test_resnet', '--checkpoint', ckpts['plain_pth'], '--num-classes', '11'])
+    with pytest.raises(SystemExit, match='does not exist'):
+        validate.main(COMMON + ['--model', 'test_resnet', '--checkpoint', str(tmp_path / 'none.pth.tar')])
+
+
+def test_cli_prints_timm_output(ckpts):
+    """The script as users run it: timm's log lines on stderr, '--result' + JSON on stdout."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'validate.py'), *COMMON, '--model', 'test_resnet',
+                        '--checkpoint', ckpts['plain_pth'], '--log-freq', '1'],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 'Test: [   0/2]' in p.stderr and ' * Acc@1 10.000 (90.000) Acc@5' in p.stderr
+    assert 'Model test_resnet created, param count:' in p.stderr and ' * Mean class acc 10.000' in p.stderr
+    head, _, body = p.stdout.partition('--result\n')
+    r = json.loads(body)
+    assert r['top1'] == 10.0 and list(r)[:10] == ['model', 'top1', 'top1_err', 'top5', 'top5_err', 'param_count',
+                                                 'img_size', 'crop_pct', 'interpolation', 'mean_class_acc']
