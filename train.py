@@ -13,6 +13,7 @@ New flags (see `carrot-zzz parameters` in --help):
              loss = task_loss + W * R(embedding, dominant class), inside autocast, before the division by
              --grad-accum-steps and the loss scaler (carrot_zzz.train_task.CarrotClassificationTask)
     --head-lr LR             head learning rate; the backbone keeps --lr (and --layer-decay)
+    --head-weight-decay WD   head weight decay; the backbone keeps --weight-decay
     --sampler {random,pk} --samples-per-class K      class-balanced P x K batches (carrot_zzz.sampler)
 
 Flags that are parsed but not supported yet (UNSUPPORTED_FLAGS) stop the run with one line when set.
@@ -395,6 +396,9 @@ def build_parsers():
                    help='global: R on the batch gathered over DDP ranks (default); local: each rank\'s batch')
     g.add_argument('--head-lr', type=float, default=None, metavar='LR',
                    help='Learning rate of the classifier head (default: --lr); the schedule scales it with --lr')
+    g.add_argument('--head-weight-decay', type=float, default=None, metavar='WD',
+                   help='Weight decay of the classifier head\'s weights (default: --weight-decay); biases and '
+                        'other no-weight-decay parameters keep 0')
     g.add_argument('--sampler', default='random', choices=('random', 'pk'),
                    help='random (timm\'s) or pk: batch_size / K classes x K samples per batch')
     g.add_argument('--samples-per-class', type=int, default=4, metavar='K', help='K of --sampler pk (default: 4)')
@@ -525,7 +529,8 @@ def head_param_groups(model, args, head_scale):
     """timm's param groups (weight decay or layer decay) with the head's params split off, lr_scale x head_scale.
 
     timm's schedulers set each group's lr to the scheduled lr x lr_scale, so the head follows the schedule at
-    head_lr / lr times the backbone's rate, and layer decay keeps applying to the backbone.
+    head_lr / lr times the backbone's rate, and layer decay keeps applying to the backbone. The head's groups
+    that timm decays take --head-weight-decay when it is given (its no-weight-decay groups stay at 0).
     """
     no_weight_decay = getattr(model, 'no_weight_decay', lambda: set())()
     if args.layer_decay is not None:
@@ -543,7 +548,10 @@ def head_param_groups(model, args, head_scale):
         if body:
             out.append({**group, 'params': body})
         if head:
-            out.append({**group, 'params': head, 'lr_scale': head_scale, 'is_head': True})
+            head_group = {**group, 'params': head, 'lr_scale': head_scale, 'is_head': True}
+            if args.head_weight_decay is not None and group.get('weight_decay', 0.0) > 0.0:
+                head_group['weight_decay'] = args.head_weight_decay
+            out.append(head_group)
     return out
 
 
@@ -682,6 +690,8 @@ def main(argv=None):
 
     args.prefetcher = not args.no_prefetcher
     args.grad_accum_steps = max(1, args.grad_accum_steps)
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        fail(f'--device {args.device} (the default) but CUDA is not available here; pass --device cpu')
     device = utils.init_distributed_device(args)
     if args.distributed:
         _logger.info(
@@ -1000,8 +1010,8 @@ def main(argv=None):
     model = task.get_trainable_module()
     eval_model = task.get_eval_model()
 
-    if args.head_lr is not None:
-        head_scale = args.head_lr / args.lr
+    if args.head_lr is not None or args.head_weight_decay is not None:
+        head_scale = args.head_lr / args.lr if args.head_lr is not None else 1.0
         optimizer = create_optimizer_v2(
             model, **optimizer_kwargs(cfg=args), **args.opt_kwargs,
             param_group_fn=lambda m: head_param_groups(m, args, head_scale))
@@ -1014,6 +1024,8 @@ def main(argv=None):
         logging.info(f'Created {type(optimizer).__name__} ({args.opt}) optimizer: {defaults}')
         if args.head_lr is not None:
             _logger.info(f'Head learning rate {args.head_lr} ({args.head_lr / args.lr:g} x lr {args.lr}).')
+        if args.head_weight_decay is not None:
+            _logger.info(f'Head weight decay {args.head_weight_decay} (backbone {args.weight_decay}).')
 
     resume_epoch = None
     resume_rng = None

@@ -19,6 +19,9 @@ over the whole split (carrot_zzz.metrics has the formulas):
 --checkpoint takes timm's .pth.tar / .pth (state_dict, or state_dict_ema with --use-ema) and .safetensors, from
 this project's train.py or any timm training; --num-classes, the head type and the ZZZ rank are read from it when
 not given, and a plain architecture name with a `_zzz` checkpoint becomes `<arch>_zzz`.
+-c/--config RECIPE (beyond timm's flags) takes a train.py YAML recipe's model and data settings as defaults:
+
+    python validate.py -c hparams/demo.yaml --checkpoint output/train/demo/model_best.safetensors
 """
 import argparse
 import csv
@@ -34,6 +37,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 from timm import utils
 from timm.data import RealLabelsImagenet, create_loader, resolve_data_config
 from timm.layers import apply_test_time_pool, set_fast_norm
@@ -70,6 +74,8 @@ _logger = logging.getLogger('validate')
 def build_parser():
     p = argparse.ArgumentParser(description='PyTorch ImageNet Validation (timm) + carrot-zzz metrics')
     p.add_argument('data', nargs='?', metavar='DIR', const=None, help='path to dataset (*deprecated*, use --data-dir)')
+    p.add_argument('-c', '--config', default='', metavar='FILE',
+                   help='a train.py YAML recipe: its keys that are validate.py flags become the defaults')
     p.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
     p.add_argument('--dataset', metavar='NAME', default='',
                    help='dataset type + name ("<type>/<name>"), or a carrot_zzz data set: cub200, nabirds, '
@@ -353,6 +359,8 @@ def validate(args):
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        fail(f'--device {args.device} (the default) but CUDA is not available here; pass --device cpu')
     device = torch.device(args.device)
     if args.metrics_avg and not has_sklearn:
         _logger.warning("scikit-learn not installed, disabling metrics calculation. "
@@ -568,9 +576,34 @@ def _try_run(args, initial_batch_size):
 _NON_IN1K_FILTERS = ['*_in21k', '*_in22k', '*in12k', '*_dino', '*fcmae', '*seer']
 
 
+def parse_args(argv=None):
+    """The command line over the defaults from -c/--config (not a timm validate.py flag): a train.py YAML recipe.
+
+    The recipe's keys that are also validate.py flags (model, head, zzz_rank, dataset, data_dir, input size,
+    mean, std, crop_pct, device, ...) become the defaults, so the settings a model was trained with are the
+    ones it is validated with; training-only keys (optimizer, schedule, CARROT, ...) are skipped.
+    """
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument('-c', '--config', default='', metavar='FILE')
+    args_config, remaining = config_parser.parse_known_args(argv)
+    parser = build_parser()  # a fresh one: the recipe's defaults must not outlive this call
+    if args_config.config:
+        if not os.path.isfile(args_config.config):
+            fail(f'config file {args_config.config} not found; pass -c with the path of a train.py YAML recipe')
+        with open(args_config.config) as f:
+            cfg = yaml.safe_load(f) or {}
+        if not isinstance(cfg, dict):
+            fail(f'config file {args_config.config} is not a YAML mapping of flag names to values')
+        known = {a.dest for a in parser._actions}
+        parser.set_defaults(**{k.replace('-', '_'): v for k, v in cfg.items() if k.replace('-', '_') in known})
+    args = parser.parse_args(remaining)
+    args.config = args_config.config
+    return args
+
+
 def main(argv=None):
     setup_default_logging()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     model_cfgs = []
     model_names = []
     if os.path.isdir(args.checkpoint):  # every checkpoint in a folder, same model

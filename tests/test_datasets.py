@@ -265,6 +265,34 @@ def test_fashion_mnist_full_files_reader(tmp_path):
         create_dataset('fashion_mnist', root=str(tmp_path / 'missing'), split='train')
 
 
+def test_fashion_mnist_subset_per_class_and_held_out(tmp_path):
+    """make_subset keeps the first N of each class in file order; --classes keeps only the labels named."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 10, 200).astype(np.uint8)
+    images = rng.integers(0, 256, (200, 28, 28), dtype=np.uint8)
+    src = tmp_path / 'src'
+    src.mkdir()
+    for prefix in ('train', 't10k'):
+        fashion_mnist.write_idx(str(src / f'{prefix}-images-idx3-ubyte.gz'), images)
+        fashion_mnist.write_idx(str(src / f'{prefix}-labels-idx1-ubyte.gz'), labels)
+    fashion_mnist.main([str(src), str(tmp_path / 'in'), '--train-per-class', '3', '--test-per-class', '2',
+                        '--classes', '1', '4', '7'])
+    fashion_mnist.make_subset(str(src), str(tmp_path / 'all'), 3, 2)
+    seen = collections.Counter()   # naive: walk the file, keep a sample while its class has room
+    expected = []
+    for i, y in enumerate(labels.tolist()):
+        if seen[y] < 3:
+            seen[y] += 1
+            expected.append(i)
+    train_all = create_dataset('fashion_mnist', root=str(tmp_path / 'all'), split='train', input_img_mode='L')
+    assert train_all.targets == labels[expected].tolist()
+    assert np.array_equal(train_all.images, images[expected])
+    train_in = create_dataset('fashion_mnist', root=str(tmp_path / 'in'), split='train')
+    test_in = create_dataset('fashion_mnist', root=str(tmp_path / 'in'), split='validation')
+    assert train_in.targets == [y for y in labels[expected].tolist() if y in (1, 4, 7)]
+    assert collections.Counter(test_in.targets) == {1: 2, 4: 2, 7: 2}
+
+
 def test_fashion_mnist_system_files_if_installed():
     """Debian's dataset-fashion-mnist, when present: the full 60000 / 10000 images."""
     folder = '/usr/share/datasets/fashion-mnist'

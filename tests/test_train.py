@@ -255,6 +255,20 @@ def test_head_lr_param_groups():
     assert min(g['lr'] for g in opt.param_groups) < 1e-5
 
 
+def test_head_weight_decay():
+    """The design's 0.01 head / 0.05 backbone: head weights at --head-weight-decay, no-decay params stay at 0."""
+    model = timm.create_model('test_vit_zzz', num_classes=NUM_CLASSES, zzz_rank=2, head_type='zzz')
+    args, _ = train.parse_args(['--data-dir', ROOT, '--lr', '1e-5', '--weight-decay', '0.05',
+                                '--head-weight-decay', '0.01'])
+    groups = train.head_param_groups(model, args, 1.0)
+    head_ids = {id(p) for p in model.get_classifier().parameters()}
+    decay = {id(p): g['weight_decay'] for g in groups for p in g['params']}
+    assert set(decay) == {id(p) for p in model.parameters()}
+    head = model.get_classifier()
+    assert decay[id(head.A)] == decay[id(head.mu)] == 0.01 and decay[id(head.bias)] == 0.0
+    assert {decay[i] for i in decay if i not in head_ids} == {0.0, 0.05}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # command line and bad input
 # ------------------------------------------------------------------------------------------------------------

@@ -12,13 +12,14 @@ then uint8 data. Images are 28 x 28 grayscale ('L'), converted to input_img_mode
 
 The shipped subset is rebuilt from the original files with
     python -m carrot_zzz.data.fashion_mnist SRC_DIR OUT_DIR --train-per-class 300 --test-per-class 100
-which keeps the first N images of each class in file order (deterministic) and writes the same idx.gz format.
+which keeps the first N images of each class in file order (deterministic) and writes the same idx.gz format;
+`--classes 0 1 ...` keeps only those labels (a held-out class makes an out-of-distribution set).
 """
 import argparse
 import gzip
 import os
 import struct
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -98,14 +99,21 @@ class FashionMNIST(ImageListDataset):
         return Image.fromarray(self.images[index])
 
 
-def make_subset(src: str, out: str, train_per_class: int, test_per_class: int) -> None:
-    """Write the first N images of each class (file order) of both splits of src as idx.gz files into out."""
+def make_subset(src: str, out: str, train_per_class: int, test_per_class: int,
+                classes: Optional[Sequence[int]] = None) -> None:
+    """Write the first N images of each class (file order) of both splits of src as idx.gz files into out.
+
+    classes: keep only these labels (their original values: a held-out class stays out of training and can be
+    written to a folder of its own, e.g. as an out-of-distribution set for validate.py --ood-data-dir).
+    """
     os.makedirs(out, exist_ok=True)
     for split, per_class in (('train', train_per_class), ('test', test_per_class)):
         images, labels = load_split(src, split)
         order = np.argsort(labels, kind='stable')                     # grouped by class, file order within
-        rank = np.arange(len(labels)) - np.searchsorted(labels[order], labels[order])  # position within class
-        keep = np.sort(order[rank < per_class])                       # back to file order (classes interleaved)
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(labels)) - np.searchsorted(labels[order], labels[order])  # position in class
+        chosen = (rank < per_class) & (np.isin(labels, classes) if classes is not None else True)
+        keep = np.flatnonzero(chosen)                                 # file order (classes interleaved)
         prefix = _PREFIX[split]
         write_idx(os.path.join(out, f'{prefix}-images-idx3-ubyte.gz'), images[keep])
         write_idx(os.path.join(out, f'{prefix}-labels-idx1-ubyte.gz'), labels[keep].astype(np.uint8))
@@ -117,8 +125,10 @@ def main(argv=None):
     p.add_argument('out', help='output folder')
     p.add_argument('--train-per-class', type=int, default=300)
     p.add_argument('--test-per-class', type=int, default=100)
+    p.add_argument('--classes', type=int, nargs='+', default=None, metavar='LABEL',
+                   help='keep only these labels, 0-9 (default: all ten)')
     a = p.parse_args(argv)
-    make_subset(a.src, a.out, a.train_per_class, a.test_per_class)
+    make_subset(a.src, a.out, a.train_per_class, a.test_per_class, a.classes)
 
 
 if __name__ == '__main__':
