@@ -52,6 +52,7 @@ from timm.utils import NativeScaler
 
 import carrot_zzz  # noqa: F401  registers the `<arch>_zzz` models
 from carrot_zzz.data import create_dataset  # timm's create_dataset + the FGVC layouts and Fashion-MNIST
+from carrot_zzz.model import ZZZModel
 from carrot_zzz.registry import ZZZ_SUFFIX, zzz_name
 from carrot_zzz.sampler import PKBatchSampler, dataset_targets
 from carrot_zzz.train_task import CARROT_SCOPES, CarrotClassificationTask
@@ -523,6 +524,20 @@ def resolve_model_name(args):
         if getattr(args, dest) is not None:
             kwargs[dest] = getattr(args, dest)
     return name, kwargs
+
+
+def clip_parameters_of(task, clip_mode: str):
+    """The parameters timm's gradient clipping sees; AGC leaves out the whole head of a `_zzz` model.
+
+    timm's task drops the last two parameters under AGC (a linear head's weight and bias); a ZZZ head has five
+    (mu, A, v_raw, sigma2_raw, bias), all left out here. Plain timm models get timm's own choice.
+    """
+    exclude_head = 'agc' in clip_mode
+    module = task.get_trainable_module()
+    if exclude_head and isinstance(utils.unwrap_model(module), ZZZModel):
+        head_ids = {id(p) for p in utils.unwrap_model(module).get_classifier().parameters()}
+        return [p for p in module.parameters() if id(p) not in head_ids]
+    return task.get_clip_parameters(exclude_head=exclude_head)
 
 
 def head_param_groups(model, args, head_scale):
@@ -1285,7 +1300,7 @@ def train_one_epoch(
         def _backward(_loss):
             clip_parameters = None
             if args.clip_grad is not None:
-                clip_parameters = task.get_clip_parameters(exclude_head='agc' in args.clip_mode)
+                clip_parameters = clip_parameters_of(task, args.clip_mode)
             if loss_scaler is not None:
                 loss_scaler(
                     _loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,

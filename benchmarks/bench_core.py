@@ -14,9 +14,12 @@ Compared:
     centring and svdvals, with the .item() host syncs a naive prototype has (column max|diff|: |R - R_literal|).
 
 Every (configuration, method) runs in its own subprocess, so peak memory is per method:
-  * CPU: growth of the peak resident set (VmHWM / ru_maxrss) over the resident set once imports, a tiny
-    priming call, the module and the inputs are in place (the high-water mark is reset through
-    /proc/self/clear_refs where the kernel allows it, else the ru_maxrss delta is taken as is).
+  * CPU: growth of the peak resident set (VmHWM) during one forward + backward call made after the timed ones,
+    over the resident set just before it, with glibc told to hand every block of 64 KiB or more back to the
+    system when it is freed (mallopt(M_MMAP_THRESHOLD) after malloc_trim): otherwise glibc keeps freed blocks
+    of up to 32 MiB in its heap, and the resident set counts memory a method no longer uses (blocks larger
+    than that, such as the literal form's, are returned anyway). The high-water mark is reset through
+    /proc/self/clear_refs. Without glibc or clear_refs: the peak over all calls (ru_maxrss delta).
   * CUDA: torch.cuda.max_memory_allocated over memory_allocated at the same point.
 Peak memory includes the parameter and input gradients, recreated every iteration (zero_grad(set_to_none)).
 Time: `--warmup` calls, then the median of up to `--iters` forward + backward calls (fewer for a slow method:
@@ -119,6 +122,17 @@ def _reset_peak_rss():
             f.write('5')
         return True
     except OSError:
+        return False
+
+
+def _return_freed_blocks() -> bool:
+    """glibc: release the heap's free memory and mmap (so unmap on free) every block >= 64 KiB from now on."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL('libc.so.6')
+        libc.malloc_trim(0)
+        return libc.mallopt(-3, 64 * 1024) == 1   # M_MMAP_THRESHOLD; returns 1 on success
+    except (OSError, AttributeError):
         return False
 
 
@@ -250,6 +264,13 @@ def worker(task):
 
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) - base
+    elif rss_reset and _return_freed_blocks():   # one more call, measured alone: the memory it really holds
+        gc.collect()
+        _reset_peak_rss()
+        base = _proc_status('VmRSS')
+        step()
+        zero_grad()
+        peak = _proc_status('VmHWM') - base
     else:
         peak = (_proc_status('VmHWM') if rss_reset else None) or _peak_rss()
         peak -= base
@@ -435,7 +456,8 @@ def main():
               f"| {fmt(mem)}{'x' if mem is not None else ''} | {fmt_diff(get(res['literal'], 'check'))} |")
     print()
     print(f'torch threads: {", ".join(map(str, sorted(threads))) or "?"}; peak MB: growth of the peak '
-          f'{"CUDA allocation" if args.device.startswith("cuda") else "resident set"} during forward + backward, '
+          f'{"CUDA allocation" if args.device.startswith("cuda") else "resident set (freed blocks returned)"} '
+          f'during forward + backward, '
           f'gradients included; max abs diff: logits (ZZZ) or R (CARROT) against the literal form; '
           f'total {time.perf_counter() - t_start:.0f} s')
 

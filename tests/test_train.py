@@ -375,3 +375,19 @@ def test_model_name_keeps_pretrained_tag(model, flags, expected):
     args, _ = train.parse_args(['--data-dir', ROOT, '--model', model, *flags])
     name, kwargs = train.resolve_model_name(args)
     assert (name, kwargs.get('head_type')) == expected
+
+
+def test_agc_leaves_out_the_whole_zzz_head():
+    """--clip-mode agc: timm drops a linear head's 2 parameters from clipping; all 5 of a ZZZ head stay out."""
+    from timm.task import ClassificationTask
+    zzz = timm.create_model('test_vit_zzz', num_classes=NUM_CLASSES, zzz_rank=2, head_type='zzz')
+    task = ClassificationTask(zzz, torch.nn.CrossEntropyLoss())
+    clipped = {id(p) for p in train.clip_parameters_of(task, 'agc')}
+    head = {id(p) for p in zzz.get_classifier().parameters()}
+    assert len(head) == 5 and not clipped & head
+    assert clipped | head == {id(p) for p in zzz.parameters()}
+    assert len(list(train.clip_parameters_of(task, 'norm'))) == len(list(zzz.parameters()))
+    plain = timm.create_model('test_vit', num_classes=NUM_CLASSES)
+    plain_task = ClassificationTask(plain, torch.nn.CrossEntropyLoss())
+    assert [id(p) for p in train.clip_parameters_of(plain_task, 'agc')] == \
+        [id(p) for p in plain_task.get_clip_parameters(exclude_head=True)]
