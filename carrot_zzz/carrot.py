@@ -84,7 +84,7 @@ def carrot_regularizer(
         z = z.to(dtype)
         # group samples by class: gid (B,) in [0, G) after sorting, pos (B,) the row inside the group
         labels_sorted, order = torch.sort(labels, stable=True)
-        z_sorted = z[order]
+        z_sorted = z.index_select(0, order)   # index_select / index_copy: their backward is a plain gather or add
         is_start = torch.ones_like(labels_sorted, dtype=torch.bool)
         is_start[1:] = labels_sorted[1:] != labels_sorted[:-1]
         gid = torch.cumsum(is_start, 0) - 1
@@ -103,23 +103,26 @@ def carrot_regularizer(
                 'max_per_class; pass bounds that hold for every batch, or none')
         counts = F.pad(counts, (0, max(num_groups - batch_size, 0)))[:num_groups]  # (G,) samples per class
         start = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(batch_size, device=z.device) - start.long()[gid]
+        pos = torch.arange(batch_size, device=z.device) - start.long().index_select(0, gid)
 
         # centre each class and scatter it into a zero-padded buffer
         sums = z.new_zeros(num_groups, dim).index_add(0, gid, z_sorted)
         means = sums / counts.clamp_min(1).unsqueeze(1)                     # (G, D)
-        centred = z_sorted - means[gid]                                      # (B, D)
-        padded = z.new_zeros(num_groups, group_size, dim).index_put((gid, pos), centred)  # (G, K, D)
+        centred = z_sorted - means.index_select(0, gid)                      # (B, D)
+        padded = z.new_zeros(num_groups * group_size, dim).index_copy(0, gid * group_size + pos, centred)
+        padded = padded.view(num_groups, group_size, dim)                    # (G, K, D)
+
+        # Gram (G, K, K): the non-zero eigenvalues of n_c Cov_c, and its trace n_c S_c
+        gram = padded @ padded.transpose(1, 2)
 
         # variance barrier
         total_scatter = (z - z.mean(0)).square().sum(1).mean().clamp_min(eps)      # S_bar
-        class_scatter = z.new_zeros(num_groups).index_add(0, gid, centred.square().sum(1))
-        class_scatter = (class_scatter / counts.clamp_min(1)).clamp_min(eps)       # S_c (G,)
+        class_scatter = gram.diagonal(dim1=1, dim2=2).sum(1) / counts.clamp_min(1)
+        class_scatter = class_scatter.clamp_min(eps)                               # S_c (G,)
         ratio = class_scatter / total_scatter                                      # r_c
         var_term = -torch.log(ratio)
 
-        # effective-rank barrier: Gram (G, K, K) has the non-zero eigenvalues of n_c Cov_c
-        gram = padded @ padded.transpose(1, 2)
+        # effective-rank barrier
         eigvals = symmetric_eigvals(gram).clamp_min(0)                             # (G, K)
         p = eigvals / eigvals.sum(1, keepdim=True).clamp_min(eps)
         entropy = -(p * torch.log(p.clamp_min(eps))).sum(1)                        # log erank_c
