@@ -28,23 +28,21 @@ def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return out
 
 
-class _Gram64(torch.autograd.Function):
-    """A (C, d, r) -> A^T A (C, r, r) in float64; the backward, dA = A (dG + dG^T), runs in A's dtype.
+class _Gram(torch.autograd.Function):
+    """A (C, d, r) -> A^T A (C, r, r); the backward is one batched product, dA = A (dG + dG^T).
 
-    Only A itself is saved (a parameter, so no extra memory): autograd through A.double() would keep a
-    float64 copy of the whole (C, d, r) tensor alive until the backward.
+    Autograd through A.transpose(1, 2) @ A would make two (C, d, r) products, one of them transposed, and
+    add them; only A (a parameter) is saved.
     """
 
     @staticmethod
     def forward(ctx, A: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(A)
-        A64 = A.to(torch.float64)
-        return A64.transpose(1, 2) @ A64
+        return A.transpose(1, 2) @ A
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         A, = ctx.saved_tensors
-        grad = grad.to(A.dtype)
         return A @ (grad + grad.transpose(1, 2))
 
 
@@ -72,7 +70,7 @@ class _CentredProjection(torch.autograd.Function):
         grad_sum = grad.sum(0)                                               # (C, r)
         grad_x = grad_m = grad_A = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad.reshape(B, C * r) @ A.permute(0, 2, 1).reshape(C * r, d)  # (B, d)
+            grad_x = grad.reshape(B, C * r) @ A.permute(1, 0, 2).reshape(d, C * r).T  # (B, d)
         if ctx.needs_input_grad[1]:
             grad_m = -(A @ grad_sum.unsqueeze(2)).squeeze(2)                  # (C, d)
         if ctx.needs_input_grad[2]:
@@ -82,7 +80,8 @@ class _CentredProjection(torch.autograd.Function):
 
 
 def _inverse_cholesky_factor(gram: torch.Tensor) -> torch.Tensor:
-    """R^-1 (C, r, r) for gram = R^T R (C, r, r), R upper triangular: no host sync (cholesky_ex)."""
+    """R^-1 (C, r, r) in float64 for gram = R^T R (C, r, r), R upper triangular: no host sync (cholesky_ex)."""
+    gram = gram.to(torch.float64)
     chol = torch.linalg.cholesky_ex(gram).L                                          # L = R^T
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device).expand_as(gram)
     return torch.linalg.solve_triangular(chol, eye, upper=False).transpose(1, 2)   # L^-T = R^-1
@@ -142,22 +141,23 @@ class ZZZHead(nn.Module):
     def basis_factors(self, dtype: torch.dtype = torch.float32):
         """(A (C, d, r), M (C, r, r)) with U = A @ M the orthonormal factor of QR(A), batched over classes.
 
-        Cholesky QR: R^T R = A^T A (r x r Gram matrices, formed and factorised in float64), M = R^-1, so that
-        U = A R^-1 is QR(A).Q up to the signs of its columns (which the logits do not see). Only r x r
+        Cholesky QR: R^T R = A^T A (r x r Gram matrices, formed in `dtype`, factorised in float64), M = R^-1,
+        so that U = A R^-1 is QR(A).Q up to the signs of its columns (which the logits do not see). Only r x r
         matrices are factorised: no C Householder QRs, no host sync on CUDA, and in float32 no (C, d, r) tensor
-        beyond A itself is kept for the backward pass (the forward never forms U; see log_likelihood). With
-        the Gram matrix formed in float64, U is orthonormal to float32 precision for cond(A_c) up to about 1e4;
-        in float64 a second pass (Cholesky QR2) makes it orthonormal to float64 round-off for cond(A_c) up to
-        about 1e7. As with Householder QR, a column of A_c that is exactly zero makes U_c non-finite.
+        beyond A itself is kept for the backward pass (the forward never forms U; see log_likelihood).
+        Orthonormality: U^T U = I to about u cond(A_c)^2 (u the unit round-off of `dtype`): 1e-5 at cond 10 in
+        float32 (A starts at cond ~1.2 for r << d); in float64 a second pass (Cholesky QR2) brings it to float64
+        round-off for cond(A_c) up to about 1e7. As with Householder QR, a column of A_c that is exactly zero
+        makes U_c non-finite.
         At rank 0: (C, d, 0) and (C, 0, 0) empty tensors.
         """
         if self.rank == 0:
             return (self.mu.new_zeros(self.num_classes, self.feat_dim, 0, dtype=dtype),
                     self.mu.new_zeros(self.num_classes, 0, 0, dtype=dtype))
         A = self.A.to(dtype)
-        inv_r = _inverse_cholesky_factor(_Gram64.apply(A))                             # (C, r, r) float64
+        inv_r = _inverse_cholesky_factor(_Gram.apply(A))                               # (C, r, r) float64
         if dtype == torch.float64:  # a second pass on the formed basis (CholeskyQR2): float64 round-off
-            inv_r = inv_r @ _inverse_cholesky_factor(_Gram64.apply(A @ inv_r))
+            inv_r = inv_r @ _inverse_cholesky_factor(_Gram.apply(A @ inv_r))
         return A, inv_r.to(dtype)
 
     def basis(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
