@@ -53,6 +53,7 @@ from timm.utils import NativeScaler
 import carrot_zzz  # noqa: F401  registers the `<arch>_zzz` models
 from carrot_zzz.data import create_dataset  # timm's create_dataset + the FGVC layouts and Fashion-MNIST
 from carrot_zzz.model import ZZZModel
+from carrot_zzz.recipe import read_recipe
 from carrot_zzz.registry import ZZZ_SUFFIX, zzz_name
 from carrot_zzz.sampler import PKBatchSampler, dataset_targets
 from carrot_zzz.train_task import CARROT_SCOPES, CarrotClassificationTask
@@ -438,14 +439,11 @@ def parse_args(argv=None):
     args_config, remaining = config_parser.parse_known_args(argv)
     ignored = []
     if args_config.config:
-        if not os.path.isfile(args_config.config):
-            fail(f'config file {args_config.config} not found; pass -c with the path of a YAML file')
-        with open(args_config.config, 'r') as f:
-            cfg = yaml.safe_load(f) or {}
-        if not isinstance(cfg, dict):
-            fail(f'config file {args_config.config} is not a YAML mapping of flag names to values')
+        try:
+            cfg = read_recipe(args_config.config)
+        except ValueError as e:
+            fail(str(e))
         known = {a.dest for a in parser._actions}
-        cfg = {k.replace('-', '_'): v for k, v in cfg.items()}
         for k in sorted(set(cfg) - known):
             if cfg[k] in (None, False, '', [], {}):
                 ignored.append(k)

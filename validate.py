@@ -37,7 +37,6 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 from timm import utils
 from timm.data import RealLabelsImagenet, create_loader, resolve_data_config
 from timm.layers import apply_test_time_pool, set_fast_norm
@@ -46,6 +45,7 @@ from timm.utils import (AverageMeter, ParseKwargs, check_batch_size_retry, decay
                         reparameterize_model, set_jit_fuser, setup_default_logging)
 
 import carrot_zzz  # noqa: F401  registers the `<arch>_zzz` models
+from carrot_zzz.recipe import read_recipe
 from carrot_zzz.zzz_head import ZZZHead
 from carrot_zzz.data import create_dataset
 from carrot_zzz.metrics import auroc, ece, fpr_at_tpr, per_class_accuracy
@@ -588,14 +588,12 @@ def parse_args(argv=None):
     args_config, remaining = config_parser.parse_known_args(argv)
     parser = build_parser()  # a fresh one: the recipe's defaults must not outlive this call
     if args_config.config:
-        if not os.path.isfile(args_config.config):
-            fail(f'config file {args_config.config} not found; pass -c with the path of a train.py YAML recipe')
-        with open(args_config.config) as f:
-            cfg = yaml.safe_load(f) or {}
-        if not isinstance(cfg, dict):
-            fail(f'config file {args_config.config} is not a YAML mapping of flag names to values')
+        try:
+            cfg = read_recipe(args_config.config)
+        except ValueError as e:
+            fail(str(e))
         known = {a.dest for a in parser._actions}
-        parser.set_defaults(**{k.replace('-', '_'): v for k, v in cfg.items() if k.replace('-', '_') in known})
+        parser.set_defaults(**{k: v for k, v in cfg.items() if k in known})
     args = parser.parse_args(remaining)
     args.config = args_config.config
     return args

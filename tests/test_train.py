@@ -391,3 +391,20 @@ def test_agc_leaves_out_the_whole_zzz_head():
     plain_task = ClassificationTask(plain, torch.nn.CrossEntropyLoss())
     assert [id(p) for p in train.clip_parameters_of(plain_task, 'agc')] == \
         [id(p) for p in plain_task.get_clip_parameters(exclude_head=True)]
+
+
+def test_bad_recipe_file_stops_with_one_line(tmp_path):
+    """train.py and validate.py read -c through carrot_zzz.recipe: a missing file or a non-mapping names the fix."""
+    import validate
+    listing = tmp_path / 'list.yaml'
+    listing.write_text('- 1\n- 2\n')
+    for parse in (lambda a: train.parse_args(a + ['--data-dir', ROOT]), validate.parse_args):
+        with pytest.raises(SystemExit, match='not found; pass -c'):
+            parse(['-c', str(tmp_path / 'missing.yaml')])
+        with pytest.raises(SystemExit, match='not a YAML mapping'):
+            parse(['-c', str(listing)])
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text('samples-per-class: 8\nmodel: test_vit\nepochs: 3\n')
+    assert train.parse_args(['-c', str(recipe), '--data-dir', ROOT])[0].samples_per_class == 8
+    args = validate.parse_args(['-c', str(recipe)])           # training-only keys (epochs) are skipped
+    assert args.model == 'test_vit' and not hasattr(args, 'epochs')

@@ -142,24 +142,6 @@ def _loadmat(path: str) -> dict:
     return scipy.io.loadmat(path, squeeze_me=True)
 
 
-def _cub_like(root: str, name: str, split: str, class_name_fn=lambda s: s, input_img_mode='RGB'):
-    """CUB-200-2011 / NABirds: images.txt, image_class_labels.txt, train_test_split.txt (1 = train), classes.txt.
-
-    Labels: the class ids that images use, sorted numerically, -> 0..C-1 (CUB: id - 1; NABirds: 555 of its
-    hierarchy's ids). Samples keep the order of images.txt.
-    """
-    want_train = split_kind(split, name) == 'train'
-    images = _read_pairs(os.path.join(root, 'images.txt'))
-    labels = _read_pairs(os.path.join(root, 'image_class_labels.txt'))
-    is_train = _read_pairs(os.path.join(root, 'train_test_split.txt'))
-    class_names = _read_pairs(os.path.join(root, 'classes.txt'))
-    used = sorted({labels[i] for i in images}, key=int)
-    index = {c: k for k, c in enumerate(used)}
-    samples = [(os.path.join(root, 'images', path), index[labels[i]])
-               for i, path in images.items() if (is_train[i].strip() == '1') == want_train]
-    return samples, [class_name_fn(class_names[c]) for c in used]
-
-
 # --- readers ---------------------------------------------------------------------------------------------------
 
 class CUB200(ImageListDataset):
@@ -167,26 +149,32 @@ class CUB200(ImageListDataset):
 
     root: the CUB_200_2011 folder of CUB_200_2011.tgz (or the folder holding it).
     Class names: classes.txt as written ('001.Black_footed_Albatross').
+    Files: images.txt, image_class_labels.txt, train_test_split.txt (1 = train), classes.txt. Labels: the class
+    ids that images use, sorted numerically, -> 0..C-1. Samples keep the order of images.txt.
     """
+    name = 'cub200'
+    root_hint = '/path/to/CUB_200_2011 (the folder with images.txt, from CUB_200_2011.tgz)'
+    files = ('images.txt', 'image_class_labels.txt', 'train_test_split.txt', 'classes.txt')
 
     def __init__(self, root: str, split: str = 'train', input_img_mode: str = 'RGB', transform=None):
-        files = ('images.txt', 'image_class_labels.txt', 'train_test_split.txt', 'classes.txt')
-        root = _need(root, 'cub200', files, '/path/to/CUB_200_2011 (the folder with images.txt, from CUB_200_2011.tgz)')
-        samples, classes = _cub_like(root, 'cub200', split)
-        super().__init__(samples, classes, input_img_mode, transform)
+        root = _need(root, self.name, self.files, self.root_hint)
+        want_train = split_kind(split, self.name) == 'train'
+        images, labels, is_train, class_names = (_read_pairs(os.path.join(root, f)) for f in self.files)
+        used = sorted({labels[i] for i in images}, key=int)
+        index = {c: k for k, c in enumerate(used)}
+        samples = [(os.path.join(root, 'images', path), index[labels[i]])
+                   for i, path in images.items() if (is_train[i].strip() == '1') == want_train]
+        super().__init__(samples, [class_names[c] for c in used], input_img_mode, transform)
 
 
-class NABirds(ImageListDataset):
+class NABirds(CUB200):
     """NABirds v1: 555 leaf classes (of the ids in image_class_labels.txt), 23929 train / 24633 test.
 
-    root: the nabirds folder of nabirds.tar.gz. Class names: classes.txt ('Bewick's Wren', ...).
+    root: the nabirds folder of nabirds.tar.gz. The same four files as CUB200 (labels: the 555 of the
+    hierarchy's ids that images use). Class names: classes.txt ('Bewick's Wren', ...).
     """
-
-    def __init__(self, root: str, split: str = 'train', input_img_mode: str = 'RGB', transform=None):
-        files = ('images.txt', 'image_class_labels.txt', 'train_test_split.txt', 'classes.txt')
-        root = _need(root, 'nabirds', files, '/path/to/nabirds (the folder with images.txt, from nabirds.tar.gz)')
-        samples, classes = _cub_like(root, 'nabirds', split)
-        super().__init__(samples, classes, input_img_mode, transform)
+    name = 'nabirds'
+    root_hint = '/path/to/nabirds (the folder with images.txt, from nabirds.tar.gz)'
 
 
 class FGVCAircraft(ImageListDataset):
