@@ -49,11 +49,8 @@ from carrot_zzz.recipe import read_recipe
 from carrot_zzz.zzz_head import ZZZHead
 from carrot_zzz.data import create_dataset
 from carrot_zzz.metrics import auroc, ece, fpr_at_tpr, per_class_accuracy
+from carrot_zzz.weights import fit_state_dict
 
-try:
-    from carrot_zzz.weights import fit_state_dict
-except ImportError:
-    fit_state_dict = None
 
 try:
     from functorch.compile import memory_efficient_fusion
@@ -231,11 +228,8 @@ def resolve_model(args, state_dict):
 
 def load_weights_into(model, state_dict, path):
     """Strict load; a mismatch becomes one line naming it (class count, head type, rank, architecture)."""
-    target = model
     try:
-        if fit_state_dict is not None:
-            state_dict = fit_state_dict(state_dict, target, what=path)
-        target.load_state_dict(state_dict, strict=True)
+        model.load_state_dict(fit_state_dict(state_dict, model, what=path), strict=True)
     except (ValueError, RuntimeError) as e:
         fail(f'{str(e).splitlines()[0][:600]}; pass the matching --model / --num-classes / --zzz-rank')
 

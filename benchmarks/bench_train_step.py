@@ -25,14 +25,8 @@ import timm
 from timm.optim import create_optimizer_v2
 from timm.task import ClassificationTask
 
-import carrot_zzz
+import carrot_zzz  # noqa: F401  registers the `<arch>_zzz` models
 from carrot_zzz.train_task import CarrotClassificationTask
-
-try:
-    from carrot_zzz.registry import register_zzz
-    register_zzz()
-except ImportError:
-    pass
 
 
 def parse():

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from timm.task import ClassificationTask
 
-from .carrot import RANK_NORMS, CarrotRegularizer, labels_from_target
+from .carrot import CarrotRegularizer, labels_from_target
 from .distributed import all_gather_nograd, all_gather_with_grad
 
 CARROT_SCOPES = ('global', 'local')
@@ -64,15 +64,10 @@ class CarrotClassificationTask(ClassificationTask):
             verbose: bool = True,
     ):
         super().__init__(model, criterion, device=device, dtype=dtype, verbose=verbose)
-        if rank_norm not in RANK_NORMS:
-            raise ValueError(f'carrot rank_norm must be one of {RANK_NORMS}, got {rank_norm!r}')
         if scope not in CARROT_SCOPES:
             raise ValueError(f'carrot scope must be one of {CARROT_SCOPES}, got {scope!r}')
         self.carrot_weight = carrot_weight
-        self.rank_norm = rank_norm
         self.scope = scope
-        self.max_classes = max_classes
-        self.max_per_class = max_per_class
         if cuda_graph is None:
             cuda_graph = max_classes is not None and max_per_class is not None
         self.carrot = CarrotRegularizer(

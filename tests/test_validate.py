@@ -15,14 +15,8 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import validate  # noqa: E402
+import validate  # noqa: E402  (imports carrot_zzz: the _zzz models are registered)
 
-try:
-    import carrot_zzz.registry  # noqa: F401
-    has_zzz = 'test_resnet_zzz' in timm.list_models('test_resnet_zzz')
-except ImportError:
-    has_zzz = False
-needs_zzz = pytest.mark.skipif(not has_zzz, reason='carrot_zzz.registry (the _zzz models) not available')
 
 COMMON = ['--dataset', 'fashion_mnist', '--device', 'cpu', '--img-size', '32', '-b', '500', '-j', '0']
 
@@ -44,11 +38,10 @@ def ckpts(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in _biased(plain, 'fc.bias', 7).items()}, out['plain_safetensors'])
     out['plain_pth'] = str(d / 'plain.pth.tar')
     torch.save({'epoch': 3, 'state_dict': _biased(plain, 'fc.bias', 7)}, out['plain_pth'])
-    if has_zzz:
-        zzz = timm.create_model('test_resnet_zzz', num_classes=10, zzz_rank=4)
-        out['zzz_pth'] = str(d / 'zzz.pth.tar')          # timm's layout: state_dict + state_dict_ema (differ)
-        torch.save({'epoch': 3, 'state_dict': _biased(zzz, 'head.bias', 5),
-                    'state_dict_ema': _biased(zzz, 'head.bias', 3)}, out['zzz_pth'])
+    zzz = timm.create_model('test_resnet_zzz', num_classes=10, zzz_rank=4)
+    out['zzz_pth'] = str(d / 'zzz.pth.tar')          # timm's layout: state_dict + state_dict_ema (differ)
+    torch.save({'epoch': 3, 'state_dict': _biased(zzz, 'head.bias', 5),
+                'state_dict_ema': _biased(zzz, 'head.bias', 3)}, out['zzz_pth'])
     ood = d / 'ood' / 'noise'
     ood.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -85,7 +78,6 @@ def test_plain_safetensors_known_answer(ckpts):
         'model', 'top1', 'top1_err', 'top5', 'top5_err']
 
 
-@needs_zzz
 def test_zzz_checkpoint_ema_and_not(ckpts):
     d = ckpts['dir']
     base = COMMON + ['--model', 'test_resnet_zzz', '--checkpoint', ckpts['zzz_pth'], '--per-class-csv']
