@@ -13,9 +13,8 @@ For z (B, D) with labels y, S_bar = mean_i ||z_i - mean(z)||^2, and every class 
 
 Vectorised: samples are sorted by label, class means come from index_add, centred rows go into a padded
 (G, K, D) buffer whose Gram matrices (G, K, K) share their non-zero eigenvalues with the covariances (their
-traces are n_c S_c), and
-one batched symmetric eigensolver serves every class (LAPACK on the CPU, sync-free Jacobi sweeps on
-accelerators: see jacobi.py). The sizes G (classes in the batch) and K (largest class) need one host sync,
+traces are n_c S_c), and one batched symmetric eigensolver serves every class (LAPACK on the CPU, sync-free
+Jacobi sweeps on accelerators: see jacobi.py). The sizes G (classes in the batch) and K (largest class) need one host sync,
 or none when the caller passes them as static bounds (a P x K sampler knows both).
 
 Statistics run in float32 (float64 for float64 input) with autocast disabled. Floors keep the value and the
