@@ -11,11 +11,13 @@ For z (B, D) with labels y, S_bar = mean_i ||z_i - mean(z)||^2, and every class 
     R_rank  = mean_c -log(erank_c / N_c)      N_c = D ('dim', the design) or min(n_c - 1, D) ('attainable')
     R       = R_var + R_rank                  (a zero attached to the graph when no class has 2 samples)
 
-Vectorised: samples are sorted by label, class means come from index_add, centred rows go into a padded
-(G, K, D) buffer whose Gram matrices (G, K, K) share their non-zero eigenvalues with the covariances (their
-traces are n_c S_c), and one batched symmetric eigensolver serves every class (LAPACK on the CPU, sync-free
-Jacobi sweeps on accelerators: see jacobi.py). The sizes G (classes in the batch) and K (largest class) need one host sync,
-or none when the caller passes them as static bounds (a P x K sampler knows both).
+Vectorised: labels are sorted to number the classes, class means come from index_add, centred rows go into
+a padded (G, K, D) buffer whose Gram matrices (G, K, K) share their non-zero eigenvalues with the covariances
+(their traces are n_c S_c), and one batched symmetric eigensolver serves every class (LAPACK on the CPU,
+sync-free Jacobi sweeps on accelerators: see jacobi.py). S_bar is the within-class plus the between-class
+scatter, B S_bar = sum_c n_c S_c + sum_c n_c ||mean_c - mean(z)||^2: no other pass over z. The sizes G (classes
+in the batch) and K (largest class) need one host sync, or none when the caller passes them as static bounds
+(a P x K sampler knows both).
 
 Statistics run in float32 (float64 for float64 input) with autocast disabled. Floors keep the value and the
 gradients finite where the literal form gives 0/0 or -log 0: S_c and S_bar are floored at eps, and p at eps
@@ -33,6 +35,20 @@ from .jacobi import symmetric_eigvals
 
 RANK_NORMS = ('dim', 'attainable')
 STAT_NAMES = ('R', 'R_var', 'R_rank', 'classes_used', 'min_r', 'min_erank_frac')
+
+
+class _SymmetricGram(torch.autograd.Function):
+    """X (G, K, D) -> X X^T (G, K, K); the backward is one batched product, dX = (dG + dG^T) X."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x @ x.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        x, = ctx.saved_tensors
+        return (grad + grad.transpose(1, 2)) @ x
 
 
 def labels_from_target(target: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -82,43 +98,48 @@ def carrot_regularizer(
 
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.to(dtype)
-        # group samples by class: gid (B,) in [0, G) after sorting, pos (B,) the row inside the group
+        # group samples by class: groups are numbered 0..G-1 in label order, rows 0..n_c-1 inside a group
         labels_sorted, order = torch.sort(labels, stable=True)
-        z_sorted = z.index_select(0, order)   # index_select / index_copy: their backward is a plain gather or add
         is_start = torch.ones_like(labels_sorted, dtype=torch.bool)
         is_start[1:] = labels_sorted[1:] != labels_sorted[:-1]
-        gid = torch.cumsum(is_start, 0) - 1
+        gid_sorted = torch.cumsum(is_start, 0) - 1
         # samples per group (B,), zero past the last group; index_add, as bincount would sync on CUDA
-        counts = z.new_zeros(batch_size).index_add(0, gid, z.new_ones(batch_size))
+        counts = z.new_zeros(batch_size).index_add(0, gid_sorted, z.new_ones(batch_size))
         if batch_size == 0:
             num_groups, group_size = 0, 0
         elif max_per_class is None:   # the one host sync: the sizes of the padded buffer
-            num_groups, group_size = torch.stack([gid[-1] + 1, counts.max().long()]).tolist()
+            num_groups, group_size = torch.stack([gid_sorted[-1] + 1, counts.max().long()]).tolist()
         else:
             num_groups = batch_size if max_classes is None else max_classes
             group_size = max_per_class
             torch._assert_async(
-                (counts.max() <= group_size) & (gid[-1] < num_groups),
+                (counts.max() <= group_size) & (gid_sorted[-1] < num_groups),
                 'carrot: the batch has more classes than max_classes or more samples of a class than '
                 'max_per_class; pass bounds that hold for every batch, or none')
         counts = F.pad(counts, (0, max(num_groups - batch_size, 0)))[:num_groups]  # (G,) samples per class
-        start = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(batch_size, device=z.device) - start.long().index_select(0, gid)
+        start = torch.cumsum(counts, 0).long() - counts.long()
+        pos_sorted = torch.arange(batch_size, device=z.device) - start.index_select(0, gid_sorted)
+        # per sample, in z's order: its group (B,) and its row of the padded (G K, D) buffer (B,)
+        gid = torch.empty_like(gid_sorted).index_copy_(0, order, gid_sorted)
+        slot = torch.empty_like(gid_sorted).index_copy_(0, order, gid_sorted * group_size + pos_sorted)
 
-        # centre each class and scatter it into a zero-padded buffer
-        sums = z.new_zeros(num_groups, dim).index_add(0, gid, z_sorted)
-        means = sums / counts.clamp_min(1).unsqueeze(1)                     # (G, D)
-        centred = z_sorted - means.index_select(0, gid)                      # (B, D)
-        padded = z.new_zeros(num_groups * group_size, dim).index_copy(0, gid * group_size + pos, centred)
-        padded = padded.view(num_groups, group_size, dim)                    # (G, K, D)
+        # centre each class and copy it into a zero-padded buffer (index_select / index_add / index_copy:
+        # their backward passes are plain gathers and adds, not sorting scatters)
+        sums = z.new_zeros(num_groups, dim).index_add(0, gid, z)                 # (G, D)
+        means = sums / counts.clamp_min(1).unsqueeze(1)                          # (G, D)
+        centred = z - means.index_select(0, gid)                                 # (B, D)
+        padded = z.new_zeros(num_groups * group_size, dim).index_copy_(0, slot, centred)
+        padded = padded.view(num_groups, group_size, dim)                        # (G, K, D)
 
         # Gram (G, K, K): the non-zero eigenvalues of n_c Cov_c, and its trace n_c S_c
-        gram = padded @ padded.transpose(1, 2)
+        gram = _SymmetricGram.apply(padded)
+        within = gram.diagonal(dim1=1, dim2=2).sum(1)                            # n_c S_c (G,)
 
-        # variance barrier
-        total_scatter = (z - z.mean(0)).square().sum(1).mean().clamp_min(eps)      # S_bar
-        class_scatter = gram.diagonal(dim1=1, dim2=2).sum(1) / counts.clamp_min(1)
-        class_scatter = class_scatter.clamp_min(eps)                               # S_c (G,)
+        # variance barrier; S_bar = (within-class + between-class scatter) / B, from (G,) and (G, D) terms
+        grand_mean = sums.sum(0) / max(batch_size, 1)                            # (D,)
+        between = counts * (means - grand_mean).square().sum(1)                  # n_c ||m_c - mean(z)||^2 (G,)
+        total_scatter = ((within.sum() + between.sum()) / max(batch_size, 1)).clamp_min(eps)  # S_bar
+        class_scatter = (within / counts.clamp_min(1)).clamp_min(eps)            # S_c (G,)
         ratio = class_scatter / total_scatter                                      # r_c
         var_term = -torch.log(ratio)
 

@@ -28,55 +28,50 @@ def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return out
 
 
-class _Gram(torch.autograd.Function):
-    """A (C, d, r) -> A^T A (C, r, r); the backward is one batched product, dA = A (dG + dG^T).
+class _ClassProjection(torch.autograd.Function):
+    """(x (B, d), m (C, d), A (C, d, r)) -> (P (B, C, r), G (C, r, r)), P[b, c] = A_c^T (x_b - m_c), G_c = A_c^T A_c.
 
-    Autograd through A.transpose(1, 2) @ A would make two (C, d, r) products, one of them transposed, and
-    add them; only A (a parameter) is saved.
+    The two products that read A, in one Function. The large products are single matrix products against A
+    reordered to (d, C r), a temporary made in the forward pass and again in the backward pass (not saved:
+    only the inputs are kept), whose buffer then receives x^T dP. The backward writes dA into one buffer
+    instead of summing three (C, d, r) gradient terms:
+        dA_c = x^T dP_c - m_c (sum_b dP_bc)^T + A_c (dG_c + dG_c^T)      dx = sum_c dP_c A_c^T
+        dm_c = -A_c sum_b dP_bc
     """
 
     @staticmethod
-    def forward(ctx, A: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(A)
-        return A.transpose(1, 2) @ A
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        A, = ctx.saved_tensors
-        return A @ (grad + grad.transpose(1, 2))
-
-
-class _CentredProjection(torch.autograd.Function):
-    """(x (B, d), m (C, d), A (C, d, r)) -> P (B, C, r), P[b, c] = A_c^T (x_b - m_c).
-
-    One (B, d) x (d, C r) matrix product each way. Only the inputs are saved (A is a parameter, m and x
-    are needed anyway), and the backward writes dA (C, d, r) into one buffer: autograd through einsum
-    would keep a reordered copy of A and sum three (C, d, r) gradient terms. dA_c = x^T g_c - m_c (sum_b g_bc)^T,
-    dx = sum_c g_c A_c^T, dm_c = -A_c sum_b g_bc.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, m: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, m: torch.Tensor, A: torch.Tensor):
+        (B, _), (C, _, r) = x.shape, A.shape
+        proj = (x @ _class_columns(A)).view(B, C, r)                         # (B, C, r)
+        proj.sub_((m.unsqueeze(1) @ A).squeeze(1))                           # - A_c^T m_c
+        gram = A.transpose(1, 2) @ A                                         # (C, r, r)
         ctx.save_for_backward(x, m, A)
-        (B, _), (C, d, r) = x.shape, A.shape
-        xa = (x @ A.permute(1, 0, 2).reshape(d, C * r)).view(B, C, r)         # (B, C, r)
-        ma = (m.unsqueeze(1) @ A).squeeze(1)                                 # (C, r)
-        return xa - ma
+        return proj, gram
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad_proj: torch.Tensor, grad_gram: torch.Tensor):
         x, m, A = ctx.saved_tensors
-        (B, _), (C, d, r) = x.shape, A.shape
-        grad_sum = grad.sum(0)                                               # (C, r)
+        (B, d), (C, _, r) = x.shape, A.shape
+        grad_flat = grad_proj.reshape(B, C * r)
+        grad_sum = grad_proj.sum(0)                                          # (C, r)
         grad_x = grad_m = grad_A = None
+        columns = _class_columns(A) if ctx.needs_input_grad[0] else None     # (d, C r), a new buffer
         if ctx.needs_input_grad[0]:
-            grad_x = grad.reshape(B, C * r) @ A.permute(1, 0, 2).reshape(d, C * r).T  # (B, d)
+            grad_x = grad_flat @ columns.T                                   # (B, d)
         if ctx.needs_input_grad[1]:
             grad_m = -(A @ grad_sum.unsqueeze(2)).squeeze(2)                  # (C, d)
         if ctx.needs_input_grad[2]:
-            grad_A = (x.T @ grad.reshape(B, C * r)).view(d, C, r).permute(1, 0, 2).contiguous()
-            grad_A.baddbmm_(m.unsqueeze(2), grad_sum.unsqueeze(1), alpha=-1)   # - m_c (sum_b g_bc)^T
+            grad_columns = torch.mm(x.T, grad_flat, out=columns)             # (d, C r), reusing the buffer
+            grad_A = grad_columns.view(d, C, r).permute(1, 0, 2).contiguous()  # (C, d, r)
+            grad_A.baddbmm_(m.unsqueeze(2), grad_sum.unsqueeze(1), alpha=-1)
+            grad_A.baddbmm_(A, grad_gram + grad_gram.transpose(1, 2))
         return grad_x, grad_m, grad_A
+
+
+def _class_columns(A: torch.Tensor) -> torch.Tensor:
+    """A (C, d, r) -> a new (d, C r) tensor, column c r + k = A_c[:, k] (never a view of A)."""
+    C, d, r = A.shape
+    return A.new_empty(d, C, r).copy_(A.permute(1, 0, 2)).view(d, C * r)
 
 
 def _inverse_cholesky_factor(gram: torch.Tensor) -> torch.Tensor:
@@ -85,6 +80,18 @@ def _inverse_cholesky_factor(gram: torch.Tensor) -> torch.Tensor:
     chol = torch.linalg.cholesky_ex(gram).L                                          # L = R^T
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device).expand_as(gram)
     return torch.linalg.solve_triangular(chol, eye, upper=False).transpose(1, 2)   # L^-T = R^-1
+
+
+def _orthonormalising_factor(A: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """M (C, r, r) in A's dtype such that A_c M_c is orthonormal, from gram = A^T A (Cholesky QR).
+
+    float64 gets a second pass on the formed basis (Cholesky QR2), bringing U^T U = I to float64 round-off.
+    """
+    inv_r = _inverse_cholesky_factor(gram)                                           # (C, r, r) float64
+    if A.dtype == torch.float64:
+        basis = A @ inv_r
+        inv_r = inv_r @ _inverse_cholesky_factor(basis.transpose(1, 2) @ basis)
+    return inv_r.to(A.dtype)
 
 
 class ZZZHead(nn.Module):
@@ -151,14 +158,14 @@ class ZZZHead(nn.Module):
         makes U_c non-finite.
         At rank 0: (C, d, 0) and (C, 0, 0) empty tensors.
         """
+        A = self._basis_weights(dtype)
+        return A, _orthonormalising_factor(A, A.transpose(1, 2) @ A)
+
+    def _basis_weights(self, dtype: torch.dtype) -> torch.Tensor:
+        """A (C, d, r) in `dtype`; an empty (C, d, 0) tensor at rank 0."""
         if self.rank == 0:
-            return (self.mu.new_zeros(self.num_classes, self.feat_dim, 0, dtype=dtype),
-                    self.mu.new_zeros(self.num_classes, 0, 0, dtype=dtype))
-        A = self.A.to(dtype)
-        inv_r = _inverse_cholesky_factor(_Gram.apply(A))                               # (C, r, r) float64
-        if dtype == torch.float64:  # a second pass on the formed basis (CholeskyQR2): float64 round-off
-            inv_r = inv_r @ _inverse_cholesky_factor(_Gram.apply(A @ inv_r))
-        return A, inv_r.to(dtype)
+            return self.mu.new_zeros(self.num_classes, self.feat_dim, 0, dtype=dtype)
+        return self.A.to(dtype)
 
     def basis(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """U (C, d, r) = A @ M of basis_factors: the orthonormal basis of each class; (C, d, 0) at rank 0."""
@@ -185,19 +192,21 @@ class ZZZHead(nn.Module):
         with torch.autocast(device_type=feats.device.type, enabled=False):
             x = F.normalize(feats.to(dtype), dim=1)                         # (B, d)
             m = F.normalize(self.mu.to(dtype), dim=1)                       # (C, d)
-            A, inv_r = self.basis_factors(dtype)                            # U_c = A_c @ inv_r_c
+            A = self._basis_weights(dtype)                                  # (C, d, r)
+            proj, gram = _ClassProjection.apply(x, m, A)                    # A_c^T (x - m_c), A_c^T A_c
+            inv_r = _orthonormalising_factor(A, gram)                       # (C, r, r), U_c = A_c inv_r_c
             v = self.variances(dtype)                                       # (C, r)
             sigma2 = self.sigma2(dtype)                                     # ()
             alpha = 1.0 / sigma2
 
             # ||x - m_c||^2 expanded: (B, C)
             dist2 = (x * x).sum(1, keepdim=True) - 2.0 * (x @ m.T) + (m * m).sum(1)
-            # t = U_c^T (x - m_c) = inv_r_c^T (A_c^T x - A_c^T m_c): (B, C, r), U never formed
-            d = A.shape[1]
-            t = torch.einsum('bck,ckr->bcr', _CentredProjection.apply(x, m, A), inv_r)  # (B, C, r)
-            shrink = alpha * alpha * v / (1.0 + alpha * v)                  # (C, r)
-            mahalanobis = alpha * dist2 - (t * t * shrink).sum(-1)         # (B, C)
-            logdet = d * torch.log(sigma2) + torch.log1p(alpha * v).sum(-1)  # (C,)
+            # t = U_c^T (x - m_c) = inv_r_c^T proj_c, each t_k scaled by sqrt(alpha^2 v_k / (1 + alpha v_k)) so
+            # that the Woodbury term is ||t||^2: (C, B, r), U never formed
+            scale = alpha * torch.sqrt(v / (1.0 + alpha * v))               # (C, r)
+            t = proj.transpose(0, 1) @ (inv_r * scale.unsqueeze(1))         # (C, B, r)
+            mahalanobis = alpha * dist2 - t.square().sum(-1).T             # (B, C)
+            logdet = A.shape[1] * torch.log(sigma2) + torch.log1p(alpha * v).sum(-1)  # (C,)
             return -0.5 * (mahalanobis + logdet)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:

@@ -71,10 +71,13 @@ def test_matches_naive_float64(case, rank_norm, dim):
     compare(z, labels, rank_norm)
 
 
-def test_matches_naive_float32():
+@pytest.mark.parametrize('offset', [0.0, 10.0])
+def test_matches_naive_float32(offset):
+    """float32 against float64; an offset common to all embeddings (post-ReLU features sit far from 0) must not
+    cost precision in S_bar, taken as within- plus between-class scatter."""
     g = torch.Generator().manual_seed(1)
     labels = balanced_labels(32, 4, g)
-    z = torch.randn(labels.numel(), 96, dtype=torch.float64, generator=g)
+    z = torch.randn(labels.numel(), 96, dtype=torch.float64, generator=g) + offset
     z1 = z.float().requires_grad_(True)
     reg, _ = carrot_regularizer(z1, labels)
     reg.backward()

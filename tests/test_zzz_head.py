@@ -72,6 +72,7 @@ CASES = [  # (B, C, d, r)
     (5, 7, 6, 3),
     (4, 3, 5, 5),      # rank == feat_dim
     (6, 1, 4, 2),      # one class
+    (6, 1, 4, 1),      # one class, rank 1: A (1, d, 1) reordered to (d, C r) is a view of A; must not be reused
     (3, 1000, 8, 2),   # C = 1000
 ]
 
@@ -88,6 +89,20 @@ def test_matches_naive_float64(B, C, d, r):
     for name in g_ref:
         scale = g_ref[name].abs().max().item()
         torch.testing.assert_close(g_ours[name], g_ref[name], rtol=1e-8, atol=1e-8 * scale, msg=name)
+
+
+def test_frozen_features_and_second_backward():
+    """Features without gradient (a frozen backbone), and a graph kept for a second backward pass."""
+    head = make_head(9, 6, 3)
+    feats = torch.randn(5, 6, dtype=torch.float64)
+    weights = torch.randn(5, 9, dtype=torch.float64)
+    ref = torch.autograd.grad((naive_logits(head, feats) * weights).sum(), list(head.parameters()))
+    loss = (head(feats) * weights).sum()
+    first = torch.autograd.grad(loss, list(head.parameters()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(head.parameters()))
+    for g_ref, g1, g2 in zip(ref, first, second):
+        torch.testing.assert_close(g1, g_ref, rtol=1e-8, atol=1e-8 * g_ref.abs().max().item())
+        torch.testing.assert_close(g2, g1, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('B,C,d,r', [(8, 20, 32, 4), (8, 200, 16, 8)])
