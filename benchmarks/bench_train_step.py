@@ -3,8 +3,10 @@
 
 One step = forward (under autocast when --amp), loss, backward, AdamW step, zero_grad: the path train.py runs
 (timm's ClassificationTask vs carrot_zzz's CarrotClassificationTask on `<model>_zzz`). Both variants get the
-same input and labels; their steps alternate so that load on a shared machine hits both alike, and the
-median step time of each is reported with the overhead of ZZZ + CARROT in percent.
+same input and labels; their steps alternate so that load on a shared machine hits both alike. Reported per
+variant: the median and the minimum step time, their overheads against the baseline (the first variant), and
+the median of the paired ratios (step i of a variant over step i of the baseline, run next to each other):
+the figure least moved by slow drifts of the machine's load.
 
 Labels follow the P x K sampler (batch / K classes, K samples each) and CARROT gets its static bounds, as
 train.py does with `--sampler pk`; `--sampler random` draws labels uniformly over the classes instead.
@@ -136,13 +138,16 @@ def main():
             median_ms=round(1e3 * med[k], 2), min_ms=round(1e3 * fast[k], 2),
             overhead_pct=round(100.0 * (med[k] / med[base] - 1.0), 2),
             overhead_min_pct=round(100.0 * (fast[k] / fast[base] - 1.0), 2),
+            overhead_paired_pct=round(100.0 * (statistics.median(
+                t / t_base for t, t_base in zip(times[k], times[base])) - 1.0), 2),
             all_ms=[round(1e3 * t, 1) for t in times[k]]) for k in kinds},
     )
     print(f"{args.model} on {device} (batch {args.batch_size}, {args.num_classes} classes, {args.img_size} px, "
           f"amp {result['amp']}, {args.sampler} labels, compile {args.torchcompile}, {args.iters} steps each, alternating)")
     for k, v in result['variants'].items():
         print(f"  {k:>14}: {v['median_ms']:8.1f} ms/step median, {v['min_ms']:8.1f} min   "
-              f"vs {base}: {v['overhead_pct']:+6.1f}% median, {v['overhead_min_pct']:+6.1f}% min")
+              f"vs {base}: {v['overhead_pct']:+6.1f}% median, {v['overhead_min_pct']:+6.1f}% min, "
+              f"{v['overhead_paired_pct']:+6.1f}% paired")
     print(json.dumps(result))
     if args.json:
         with open(args.json, 'w') as f:
