@@ -4,7 +4,6 @@ Every run trains timm's `test_vit` at 32 px on 4 classes whose images differ in 
 for 2-3 epochs; the whole file runs in well under a minute on 2 cores.
 """
 import csv
-import importlib.util
 import logging
 import os
 import sys
@@ -16,62 +15,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from carrot_zzz import ZZZHead
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 4
 
-
-# ------------------------------------------------------------------------------------------------------------
-# stand-in for carrot_zzz's `<arch>_zzz` models, used only until carrot_zzz.registry / model provides them
-# ------------------------------------------------------------------------------------------------------------
-
-class _StandInZZZ(nn.Module):
-    """Backbone (num_classes=0) + ZZZ or linear head; forward(x, return_embedding) per the models' contract."""
-
-    def __init__(self, arch, num_classes=1000, zzz_rank=8, head_type='zzz', zzz_v_min=1e-4, zzz_sigma2_min=1e-4,
-                 pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, **kwargs):
-        super().__init__()
-        self.backbone = timm.create_model(arch, num_classes=0, **kwargs)
-        self.num_features = self.backbone.num_features
-        self.num_classes = num_classes
-        self.pretrained_cfg = dict(self.backbone.pretrained_cfg, classifier='head', num_classes=num_classes)
-        if head_type == 'zzz':
-            self.head = ZZZHead(num_classes, self.num_features, zzz_rank, zzz_v_min, zzz_sigma2_min)
-        else:
-            self.head = nn.Linear(self.num_features, num_classes)
-
-    def get_classifier(self):
-        return self.head
-
-    def set_grad_checkpointing(self, enable=True):
-        self.backbone.set_grad_checkpointing(enable)
-
-    def forward(self, x, return_embedding=False):
-        z = self.backbone(x)
-        logits = self.head(z)
-        return (logits, z) if return_embedding else logits
-
-
-def register_standin(archs=('test_resnet', 'test_vit')):
-    """Register `<arch>_zzz` stand-ins where carrot_zzz does not provide them."""
-    try:
-        import train  # noqa: F401  (imports carrot_zzz's registry when it exists)
-        timm.create_model('test_resnet_zzz', num_classes=2)
-        return False
-    except Exception:  # not registered, or registered without carrot_zzz.model yet
-        pass
-    for arch in archs:
-        def entry(pretrained=False, _arch=arch, **kwargs):
-            return _StandInZZZ(_arch, pretrained=pretrained, **kwargs)
-        entry.__name__ = arch + '_zzz'
-        entry.__module__ = __name__
-        timm.models.register_model(entry)
-    return True
-
-
 sys.path.insert(0, ROOT)
-_STANDIN = register_standin()
 import train  # noqa: E402
 
 
@@ -163,13 +110,10 @@ def test_zzz_carrot_pk_learns(data_dir, tmp_path, caplog):
     path = os.path.join(out, 'model_best.safetensors')
     weights = load_file(path)
     assert weights.keys() == ckpt['state_dict'].keys()
-    if _STANDIN:
-        timm.create_model('test_vit_zzz', num_classes=NUM_CLASSES, zzz_rank=2).load_state_dict(weights)
-    else:
-        model = timm.create_model('test_vit_zzz', num_classes=NUM_CLASSES, zzz_rank=2, pretrained=True,
-                                  pretrained_cfg_overlay=dict(file=path))
-        for k, v in model.state_dict().items():
-            assert torch.equal(v, weights[k]), k
+    model = timm.create_model('test_vit_zzz', num_classes=NUM_CLASSES, zzz_rank=2, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=path))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
 
 
 def test_carrot_linear_head_mixup_smoothing(data_dir, tmp_path):
@@ -193,6 +137,19 @@ def test_zzz_carrot_variants(data_dir, tmp_path, extra):
     assert 0.0 < float(rows[0]['train_used_frac']) <= 1.0      # random sampler: logged fraction CARROT sees
     if '--model-ema' in extra:
         assert os.path.exists(os.path.join(out, 'model_best_ema.safetensors'))
+
+
+def test_compile_and_grad_checkpointing_match_eager(data_dir, tmp_path, caplog):
+    """--torchcompile (aot_eager: dynamo and AOT autograd through the head's and CARROT's autograd Functions,
+    no C++ compiler needed), --grad-checkpointing and --channels-last give the eager run's numbers."""
+    caplog.set_level(logging.INFO, logger='train')
+    extra = ('--head', 'zzz', '--zzz-rank', '2', '--carrot', '--sampler', 'pk', '--samples-per-class', '4')
+    eager = read_summary(run(data_dir, tmp_path, 'eager', *extra, epochs=1))
+    fast = read_summary(run(data_dir, tmp_path, 'compiled', *extra, '--torchcompile', 'aot_eager',
+                            '--grad-checkpointing', '--channels-last', epochs=1))
+    assert any('Compiling task components with backend=aot_eager' in r.message for r in caplog.records)
+    for key in ('train_loss', 'train_R', 'train_R_rank', 'eval_loss', 'eval_top1'):
+        assert float(fast[0][key]) == pytest.approx(float(eager[0][key]), rel=1e-4, abs=1e-5), key
 
 
 def test_resume_matches_uninterrupted(data_dir, tmp_path, monkeypatch):
