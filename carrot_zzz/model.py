@@ -10,7 +10,6 @@ calls; the base weights load through timm's own pretrained machinery (the base e
 pretrained_cfg and checkpoint filter), so every weight source timm supports for the base works here.
 """
 import inspect
-import logging
 import re
 from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 
@@ -27,8 +26,6 @@ from .weights import checkpoint_keys, fit_state_dict, is_whole_model_keys
 from .zzz_head import ZZZHead
 
 __all__ = ['ZZZModel', 'HEAD_TYPES', 'create_zzz_model']
-
-_logger = logging.getLogger(__name__)
 
 HEAD_TYPES = ('zzz', 'linear')
 BACKBONE_PREFIX = 'backbone.'

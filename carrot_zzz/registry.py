@@ -18,7 +18,7 @@ from timm.models import register_model
 from timm.models._pretrained import DefaultCfg
 from timm.models._registry import _deprecated_models, _model_default_cfgs, _model_entrypoints, _model_pretrained_cfgs
 
-__all__ = ['ZZZ_SUFFIX', 'register_zzz', 'zzz_name', 'base_name']
+__all__ = ['ZZZ_SUFFIX', 'register_zzz', 'zzz_name', 'base_name', 'is_zzz_name']
 
 ZZZ_SUFFIX = '_zzz'
 
@@ -32,11 +32,16 @@ def zzz_name(arch: str) -> str:
     return arch + ZZZ_SUFFIX + dot + tag
 
 
+def is_zzz_name(name: str) -> bool:
+    """Whether a model name is a carrot_zzz one: 'resnet50_zzz' and 'resnet50_zzz.a1_in1k' are, 'resnet50' is not."""
+    return name.partition('.')[0].endswith(ZZZ_SUFFIX)
+
+
 def base_name(name: str) -> str:
     """'resnet50_zzz' -> 'resnet50' (tag kept); raises ValueError for a name without the suffix."""
-    arch, dot, tag = name.partition('.')
-    if not arch.endswith(ZZZ_SUFFIX):
+    if not is_zzz_name(name):
         raise ValueError(f"'{name}' is not a {ZZZ_SUFFIX} model name; expected '<arch>{ZZZ_SUFFIX}[.tag]'")
+    arch, dot, tag = name.partition('.')
     return arch[:-len(ZZZ_SUFFIX)] + dot + tag
 
 
@@ -63,7 +68,6 @@ def _make_entrypoint(arch: str) -> Callable[..., Any]:
     entrypoint.__name__ = entrypoint.__qualname__ = arch + ZZZ_SUFFIX
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f'timm {arch} (num_classes=0) + ZZZ head; see carrot_zzz.model.create_zzz_model.'
-    entrypoint.zzz_base = arch  # type: ignore[attr-defined]
     return entrypoint
 
 

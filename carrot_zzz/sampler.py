@@ -8,7 +8,8 @@ see different classes of one global plan. The plan for an epoch depends only on 
                 chunk is topped up from the rest of the class (with replacement when n_c < K)
     batches     num_batches = len(dataset) // (world_size * batch_size)  (about one pass over the data);
                 each picks P_global distinct classes, weighted by their remaining chunks, and pops one
-                chunk of each; a class whose chunks are used up is refilled with a fresh shuffle
+                chunk of each; once fewer than P_global classes have chunks left, the used-up classes
+                are refilled with a fresh shuffle
 """
 from typing import Iterator, List, Optional, Sequence
 

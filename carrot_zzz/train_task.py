@@ -21,7 +21,6 @@ from .carrot import CarrotRegularizer, labels_from_target
 from .distributed import all_gather_nograd, all_gather_with_grad
 
 CARROT_SCOPES = ('global', 'local')
-CARROT_STATS = ('task_loss', 'R', 'R_var', 'R_rank', 'classes_used', 'min_r', 'min_erank_frac', 'used_frac')
 
 
 def used_fraction(labels: torch.Tensor) -> torch.Tensor:

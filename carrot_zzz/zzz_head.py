@@ -108,8 +108,8 @@ class ZZZHead(nn.Module):
         mu (C, d), A (C, d, r) and v_raw (C, r) when r > 0, sigma2_raw (), bias (C,).
 
     Shapes: forward(feats (B, d)) -> logits (B, C). The head runs in float32 (float64 for float64
-    inputs) with autocast disabled inside, and returns float32 logits: the dtype timm's losses compute
-    softmax / cross-entropy in under autocast anyway.
+    inputs) with autocast disabled inside, and returns logits in that dtype (float32 for float32, bf16 or fp16
+    features): the dtype timm's losses compute softmax / cross-entropy in under autocast anyway.
     """
 
     def __init__(

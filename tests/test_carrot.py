@@ -176,6 +176,12 @@ def test_pairs_give_rank_term_log_dim_and_no_rank_gradient():
     assert stats['R_rank'].item() == pytest.approx(math.log(10), rel=1e-10)
     _, stats = carrot_regularizer(z, labels, rank_norm='attainable')
     assert stats['R_rank'].item() == pytest.approx(0, abs=1e-10)
+    # the gradient of R is the variance term's alone (the naive form's R_var)
+    z1 = z.clone().requires_grad_(True)
+    carrot_regularizer(z1, labels)[0].backward()
+    z2 = z.clone().requires_grad_(True)
+    naive_carrot(z2, labels)[0].backward()
+    torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-8, atol=1e-10)
 
 
 def test_no_class_with_two_samples_gives_attached_zero():

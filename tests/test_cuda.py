@@ -49,9 +49,15 @@ def test_cuda_graphed_carrot_matches_eager():
     for step in range(3):   # the first call captures, later calls replay with new data
         z = torch.randn(64, 96, device='cuda') * (step + 1)
         z1, z2 = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
-        with torch.autocast('cuda', dtype=torch.bfloat16):
-            r1, s1 = graphed(z1 * 1.0, labels[torch.randperm(64, device='cuda')])
+        shuffled = labels[torch.randperm(64, device='cuda')]
+        with torch.autocast('cuda', dtype=torch.bfloat16):   # a non-leaf input, inside autocast
+            r1, _ = graphed(z1 * 1.0, shuffled)
         r1.backward()
+        z0 = z.clone().requires_grad_(True)
+        r0, _ = eager(z0, shuffled)
+        r0.backward()
+        torch.testing.assert_close(r1, r0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(z1.grad, z0.grad, rtol=1e-4, atol=1e-6)
         r2, s2 = eager(z2, labels)
         r2.backward()
         r3, s3 = graphed(z.clone().requires_grad_(True), labels)

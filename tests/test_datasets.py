@@ -224,6 +224,19 @@ def test_clear_errors(tmp_path, cub):
         create_dataset('cub200', root=str(cub[0]), split='train', class_map='map.txt')
 
 
+def test_list_files_that_disagree(cub, aircraft):
+    """An image id missing from image_class_labels.txt, a variant missing from variants.txt: one ValueError."""
+    root = cub[0]
+    labels = (root / 'image_class_labels.txt').read_text().splitlines()
+    _write(str(root / 'image_class_labels.txt'), labels[:-1])
+    with pytest.raises(ValueError, match="cub200: the list files in .* do not agree: '9' .*extract the original"):
+        create_dataset('cub200', root=str(root), split='train')
+    data = aircraft[0] / 'data'
+    _write(str(data / 'variants.txt'), aircraft[1][:2])
+    with pytest.raises(ValueError, match="fgvc_aircraft .variant.: the list files .* do not agree: 'F/A-18'"):
+        create_dataset('fgvc_aircraft', root=str(aircraft[0]), split='train')
+
+
 def test_other_names_go_to_timm(tmp_path):
     for c in ('a', 'b'):
         _img(str(tmp_path / 'val' / c / 'x.png'), 3)
@@ -263,6 +276,21 @@ def test_fashion_mnist_full_files_reader(tmp_path):
     assert len(create_dataset('fashion_mnist', root=str(tmp_path), split='test')) == 2
     with pytest.raises(FileNotFoundError, match='--data-dir'):
         create_dataset('fashion_mnist', root=str(tmp_path / 'missing'), split='train')
+
+
+def test_fashion_mnist_truncated_or_foreign_files(tmp_path):
+    """A cut-off download, a .gz that is not gzip, a cut-off raw file: one ValueError naming the file."""
+    images = np.zeros((7, 28, 28), dtype=np.uint8)
+    fashion_mnist.write_idx(str(tmp_path / 'a.gz'), images)
+    fashion_mnist.write_idx(str(tmp_path / 'b'), images)
+    cut_gz, foreign, cut_raw = tmp_path / 'cut.gz', tmp_path / 'foreign.gz', tmp_path / 'cut'
+    cut_gz.write_bytes((tmp_path / 'a.gz').read_bytes()[:40])
+    foreign.write_bytes((tmp_path / 'b').read_bytes())
+    cut_raw.write_bytes((tmp_path / 'b').read_bytes()[:1000])
+    for path in (cut_gz, foreign, cut_raw):
+        with pytest.raises(ValueError, match=f'{path.name} .*(truncated|not an idx).*copy the original file again'):
+            fashion_mnist.read_idx(str(path))
+    assert fashion_mnist.read_idx(str(tmp_path / 'a.gz')).shape == (7, 28, 28)
 
 
 def test_fashion_mnist_subset_per_class_and_held_out(tmp_path):

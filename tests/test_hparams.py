@@ -1,9 +1,15 @@
-"""Every hparams/*.yaml loads through train.py's parser: known flags only, accepted values, no rejection."""
+"""Every hparams/*.yaml loads through train.py's parser (known flags only, accepted values, no rejection) and
+names a model that train.py can build."""
 import glob
 import os
 import sys
 
 import pytest
+import timm
+import torch
+
+from carrot_zzz import ZZZHead
+from carrot_zzz.registry import is_zzz_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -12,11 +18,17 @@ import train  # noqa: E402
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'hparams', '**', '*.yaml'), recursive=True))
 
 
-@pytest.mark.parametrize('path', CONFIGS or [None], ids=[os.path.relpath(p, ROOT) for p in CONFIGS] or ['none'])
-def test_hparams_parse(path):
-    if path is None:
-        args, _ = train.parse_args(['--data-dir', ROOT])       # no YAML files yet: timm's defaults parse
-        assert args.model == 'resnet50'
-        return
+@pytest.mark.parametrize('path', CONFIGS, ids=[os.path.relpath(p, ROOT) for p in CONFIGS])
+def test_hparams_parse_and_build(path):
     args, text = train.parse_args(['-c', path, '--data-dir', ROOT])  # the data folder is the user's
     assert args.config == path and text
+    name, kwargs = train.resolve_model_name(args)
+    with torch.device('meta'):   # the architecture and its head, without memory or pretrained weights
+        model = timm.create_model(name, num_classes=args.num_classes, **kwargs)
+    assert is_zzz_name(name) == bool(args.carrot or args.head)
+    if args.head == 'zzz':
+        assert isinstance(model.get_classifier(), ZZZHead) and model.get_classifier().rank == args.zzz_rank
+
+
+def test_there_are_recipes():
+    assert len(CONFIGS) >= 6

@@ -345,11 +345,17 @@ def test_features_only_is_the_bases_feature_extractor():
 
 
 def test_compiled_and_ddp_style_wrapping_use_forward():
+    """Wrappers that call forward(x, return_embedding=True) (DataParallel / DDP, torch.compile) get the
+    logits and the pooled embedding of timm's forward_features + forward_head(pre_logits=True)."""
     model = timm.create_model('resnet10t_zzz', num_classes=3).eval()
-    wrapped = nn.DataParallel(model)  # the same forward(x, return_embedding=...) path DDP and compile take
     x = torch.randn(2, 3, 64, 64)
-    logits, emb = wrapped(x, return_embedding=True)
-    torch.testing.assert_close(logits, model(x))
+    with torch.no_grad():
+        embedding = model.forward_head(model.forward_features(x), pre_logits=True)
+        for wrapped in (nn.DataParallel(model), torch.compile(model, backend='eager')):
+            logits, emb = wrapped(x, return_embedding=True)
+            torch.testing.assert_close(logits, model(x))
+            torch.testing.assert_close(emb, embedding)
+            assert emb.shape == (2, model.num_features)
 
 
 # --- pretrained weights from local files ------------------------------------------------------------
@@ -408,7 +414,7 @@ def test_pretrained_adaptation_is_timms(tmp_path):
 
 
 def test_named_tag_with_local_file(tmp_path):
-    """The example of the issue, offline: a tag of vit_base_patch16_224 and a local copy of its weights."""
+    """The README's example (a tag of vit_base_patch16_224), offline: a local copy of the weights stands in for the hub."""
     import safetensors.torch
     small = dict(depth=1, img_size=32)
     base = timm.create_model('vit_base_patch16_224.augreg2_in21k_ft_in1k', **small).eval()

@@ -319,6 +319,26 @@ def test_bad_input_stops_before_training(data_dir, tmp_path):
         run(data_dir, tmp_path, 'x', '--head', 'zzz', '--zzz-rank', '100000')
     with pytest.raises(SystemExit, match='distinct classes'):
         run(data_dir, tmp_path, 'x', '--sampler', 'pk', '--samples-per-class', '2', '--carrot')
+    with pytest.raises(SystemExit, match='--torchscript is not supported for carrot_zzz models'):
+        run(data_dir, tmp_path, 'x', '--model', 'test_vit_zzz.r160_in1k', '--torchscript')
+
+
+def test_missing_or_corrupt_checkpoints_stop_with_one_line(data_dir, tmp_path):
+    out = run(data_dir, tmp_path, 'good', '--head', 'zzz', '--zzz-rank', '2', epochs=1)
+    good = os.path.join(out, 'last.pth.tar')
+    truncated = tmp_path / 'truncated.pth.tar'
+    truncated.write_bytes(open(good, 'rb').read()[:5000])
+    for flag in ('--resume', '--initial-checkpoint', '--pretrained-path'):
+        with pytest.raises(SystemExit, match=f'{flag} .*missing.pth.tar: no such file'):
+            run(data_dir, tmp_path, 'x', '--head', 'zzz', '--zzz-rank', '2', flag, str(tmp_path / 'missing.pth.tar'))
+    with pytest.raises(SystemExit, match='--resume .*truncated.pth.tar: cannot resume from it'):
+        run(data_dir, tmp_path, 'x', '--head', 'zzz', '--zzz-rank', '2', '--resume', str(truncated))
+    with pytest.raises(SystemExit, match=r'--initial-checkpoint .*truncated.pth.tar: cannot load it'):
+        run(data_dir, tmp_path, 'x', '--head', 'zzz', '--zzz-rank', '2', '--initial-checkpoint', str(truncated))
+    # the checkpoint of another model (a linear head) does not resume a ZZZ run
+    with pytest.raises(SystemExit, match='--resume .*last.pth.tar: cannot resume from it'):
+        run(data_dir, tmp_path, 'x', '--head', 'linear', '--resume', good)
+    assert not os.path.exists(os.path.join(tmp_path, 'x'))      # nothing was trained or written
 
 
 @pytest.mark.parametrize('model, flags, expected', [
@@ -332,6 +352,14 @@ def test_model_name_keeps_pretrained_tag(model, flags, expected):
     args, _ = train.parse_args(['--data-dir', ROOT, '--model', model, *flags])
     name, kwargs = train.resolve_model_name(args)
     assert (name, kwargs.get('head_type')) == expected
+
+
+def test_tagged_model_trains_with_carrot(data_dir, tmp_path):
+    """A pretrained tag (here without its weights) runs end to end with --carrot: the model is `<arch>_zzz.<tag>`."""
+    out = run(data_dir, tmp_path, 'tag', '--model', 'test_vit.r160_in1k', '--carrot', '--head', 'zzz',
+              '--zzz-rank', '2', epochs=1)
+    ckpt = torch.load(os.path.join(out, 'last.pth.tar'), weights_only=True)
+    assert ckpt['arch'] == 'test_vit_zzz.r160_in1k' and np.isfinite(float(read_summary(out)[0]['train_R']))
 
 
 def test_agc_leaves_out_the_whole_zzz_head():

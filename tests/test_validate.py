@@ -100,6 +100,25 @@ def test_mismatch_and_missing_checkpoint_fail_clearly(ckpts, tmp_path):
         validate.main(COMMON + ['--model', 'test_resnet', '--checkpoint', ckpts['plain_pth'], '--num-classes', '11'])
     with pytest.raises(SystemExit, match='does not exist'):
         validate.main(COMMON + ['--model', 'test_resnet', '--checkpoint', str(tmp_path / 'none.pth.tar')])
+    truncated = tmp_path / 'truncated.pth.tar'
+    truncated.write_bytes(open(ckpts['zzz_pth'], 'rb').read()[:3000])
+    with pytest.raises(SystemExit, match='cannot read checkpoint .*truncated'):
+        validate.main(COMMON + ['--model', 'test_resnet', '--checkpoint', str(truncated)])
+    with pytest.raises(SystemExit, match='--torchscript is not supported for carrot_zzz models'):
+        validate.main(COMMON + ['--model', 'test_resnet_zzz.r160_in1k', '--checkpoint', ckpts['zzz_pth'],
+                                '--torchscript'])
+
+
+def test_checkpoint_folder_skips_a_bad_file(ckpts, tmp_path):
+    """--checkpoint DIR validates every checkpoint in it; a truncated one is reported and skipped."""
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    good = open(ckpts['plain_pth'], 'rb').read()
+    (folder / 'checkpoint-1.pth.tar').write_bytes(good)
+    (folder / 'checkpoint-2.pth.tar').write_bytes(good[:3000])
+    results = validate.main(COMMON + ['--model', 'test_resnet', '--checkpoint', str(folder)])
+    assert [os.path.basename(r['checkpoint']) for r in results] == ['checkpoint-1.pth.tar']
+    assert results[0]['top1'] == 10.0
 
 
 def test_cli_prints_timm_output(ckpts):

@@ -14,7 +14,7 @@ from .fashion_mnist import FashionMNIST
 from .fgvc import (CUB200, EVAL_SPLITS, TRAIN_SPLITS, FGVCAircraft, Flowers102, ImageListDataset, NABirds,
                    StanfordCars, StanfordDogs, split_kind)
 
-__all__ = ['create_dataset', 'DATASETS', 'dataset_names', 'ImageListDataset', 'CUB200', 'NABirds', 'FGVCAircraft',
+__all__ = ['create_dataset', 'DATASETS', 'ImageListDataset', 'CUB200', 'NABirds', 'FGVCAircraft',
            'StanfordCars', 'StanfordDogs', 'Flowers102', 'FashionMNIST', 'split_kind', 'TRAIN_SPLITS', 'EVAL_SPLITS']
 
 # name -> constructor(root, split, input_img_mode=...)
@@ -35,11 +35,6 @@ DATASETS: Dict[str, Callable] = {
 
 def _key(name: Optional[str]) -> str:
     return (name or '').strip().lower().replace('-', '_')
-
-
-def dataset_names():
-    """The names this module reads itself (others go to timm's create_dataset)."""
-    return sorted(DATASETS)
 
 
 def create_dataset(name: str, root: Optional[str] = None, split: str = 'validation', class_map=None,

@@ -43,15 +43,26 @@ def _find(root: str, name: str) -> str:
 
 
 def read_idx(path: str) -> np.ndarray:
-    """uint8 array of an idx file (gzipped when the name ends in .gz): (N,) labels or (N, H, W) images."""
+    """uint8 array of an idx file (gzipped when the name ends in .gz): (N,) labels or (N, H, W) images.
+
+    Raises ValueError naming the file when it is truncated, not gzip data, or not a uint8 idx file.
+    """
     opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rb') as f:
-        data = f.read()
-    zero, dtype, ndim = struct.unpack('>HBB', data[:4])
+    try:
+        with opener(path, 'rb') as f:
+            data = f.read()
+        zero, dtype, ndim = struct.unpack('>HBB', data[:4])
+        shape = struct.unpack('>' + 'I' * ndim, data[4:4 + 4 * ndim])
+    except (EOFError, struct.error, gzip.BadGzipFile) as e:
+        raise ValueError(f'{path} is truncated or not an idx file ({type(e).__name__}: {e}); '
+                         f'copy the original file again') from e
     if zero != 0 or dtype != 0x08:
         raise ValueError(f'{path} is not a uint8 idx file (magic {data[:4].hex()}); expected the original idx format')
-    shape = struct.unpack('>' + 'I' * ndim, data[4:4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    offset = 4 + 4 * ndim
+    if len(data) - offset != int(np.prod(shape)):
+        raise ValueError(f'{path} holds {len(data) - offset} bytes of data for an array of shape {shape}: it is '
+                         f'truncated; copy the original file again')
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
 
 
 def write_idx(path: str, array: np.ndarray) -> None:

@@ -107,7 +107,8 @@ class ImageListDataset(torch.utils.data.Dataset):
 # --- helpers ---------------------------------------------------------------------------------------------------
 
 def _need(root: Optional[str], name: str, files: Sequence[str], hint: str) -> str:
-    """root itself or its single sub-folder holding all `files`; a one-line FileNotFoundError naming the fix."""
+    """root itself or the first of its sub-folders (sorted) holding all `files`; else a one-line
+    FileNotFoundError naming the files missing from root and the fix."""
     if not root:
         raise FileNotFoundError(f'{name}: no data folder given; pass --data-dir {hint}')
     if not os.path.isdir(root):
@@ -119,6 +120,12 @@ def _need(root: Optional[str], name: str, files: Sequence[str], hint: str) -> st
             return folder
     missing = [f for f in files if not os.path.exists(os.path.join(root, f))]
     raise FileNotFoundError(f'{name}: {", ".join(missing)} not found in {root}; pass --data-dir {hint}')
+
+
+def _mismatch(name: str, root: str, files: Sequence[str], missing: KeyError) -> ValueError:
+    """The one-line error for list files of a data set that do not agree with each other."""
+    return ValueError(f'{name}: the list files in {root} ({", ".join(files)}) do not agree: {missing} is named in '
+                      f'one and missing from another; extract the original archive again')
 
 
 def _read_pairs(path: str) -> Dict[str, str]:
@@ -160,11 +167,15 @@ class CUB200(ImageListDataset):
         root = _need(root, self.name, self.files, self.root_hint)
         want_train = split_kind(split, self.name) == 'train'
         images, labels, is_train, class_names = (_read_pairs(os.path.join(root, f)) for f in self.files)
-        used = sorted({labels[i] for i in images}, key=int)
-        index = {c: k for k, c in enumerate(used)}
-        samples = [(os.path.join(root, 'images', path), index[labels[i]])
-                   for i, path in images.items() if (is_train[i].strip() == '1') == want_train]
-        super().__init__(samples, [class_names[c] for c in used], input_img_mode, transform)
+        try:
+            used = sorted({labels[i] for i in images}, key=int)
+            index = {c: k for k, c in enumerate(used)}
+            samples = [(os.path.join(root, 'images', path), index[labels[i]])
+                       for i, path in images.items() if (is_train[i].strip() == '1') == want_train]
+            names = [class_names[c] for c in used]
+        except KeyError as e:
+            raise _mismatch(self.name, root, self.files, e) from None
+        super().__init__(samples, names, input_img_mode, transform)
 
 
 class NABirds(CUB200):
@@ -202,8 +213,11 @@ class FGVCAircraft(ImageListDataset):
         with open(os.path.join(root, self.LEVELS[level] + '.txt'), encoding='utf-8') as f:
             classes = [line.strip() for line in f if line.strip()]
         index = {c: k for k, c in enumerate(classes)}
-        samples = [(os.path.join(root, 'images', f'{i}.jpg'), index[c])
-                   for i, c in _read_pairs(os.path.join(root, listing)).items()]
+        try:
+            samples = [(os.path.join(root, 'images', f'{i}.jpg'), index[c])
+                       for i, c in _read_pairs(os.path.join(root, listing)).items()]
+        except KeyError as e:
+            raise _mismatch(name, root, (listing, self.LEVELS[level] + '.txt'), e) from None
         super().__init__(samples, classes, input_img_mode, transform)
 
 
