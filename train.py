@@ -477,7 +477,9 @@ def check_args(args, parser):
     folder_dataset = not args.dataset or args.dataset.startswith(('folder/', 'imagefolder/', 'tar/'))
     if folder_dataset and not data_dir:
         fail('no data folder given; pass --data-dir DIR (an image folder with train/ and validation/ splits)')
-    if data_dir and not args.dataset_download and not os.path.exists(data_dir):
+    # hub / tfds / webdataset readers take a cache folder or URLs, made or fetched by the reader itself
+    reader_fetches = (args.dataset or '').split('/')[0] in ('hfds', 'hfids', 'tfds', 'wds')
+    if data_dir and not args.dataset_download and not reader_fetches and not os.path.exists(data_dir):
         fail(f'data folder {data_dir} does not exist; pass --data-dir with the path of your dataset')
     for dest in ('resume', 'initial_checkpoint', 'pretrained_path'):
         path = getattr(args, dest)
@@ -486,8 +488,12 @@ def check_args(args, parser):
     for dest in UNSUPPORTED_FLAGS:
         if getattr(args, dest) != parser.get_default(dest):
             fail(f'{_flag(dest)} is not supported by this train.py yet; remove it (see README, unsupported flags)')
-    if args.drop_connect is not None:
-        fail('--drop-connect is deprecated in timm and not supported here; use --drop-path')
+    if args.eval_metric not in ('loss', 'top1', 'top5'):
+        fail(f'--eval-metric {args.eval_metric}: validation reports loss, top1 and top5; pass one of them')
+    if args.clip_mode not in ('norm', 'value', 'agc'):
+        fail(f'--clip-mode {args.clip_mode}: pass norm, value or agc')
+    if args.drop_connect is not None:   # timm parses and ignores it
+        _logger.warning('--drop-connect is deprecated in timm and has no effect; use --drop-path')
     if args.head == 'zzz' or (args.head is None and is_zzz_name(args.model)):
         for dest, why in (('head_init_scale', 'scales a linear head\'s weight and bias'),
                           ('head_init_bias', 'sets a linear head\'s bias')):
@@ -1028,13 +1034,17 @@ def main(argv=None):
     model = task.get_trainable_module()
     eval_model = task.get_eval_model()
 
-    if args.head_lr is not None or args.head_weight_decay is not None:
-        head_scale = args.head_lr / args.lr if args.head_lr is not None else 1.0
-        optimizer = create_optimizer_v2(
-            model, **optimizer_kwargs(cfg=args), **args.opt_kwargs,
-            param_group_fn=lambda m: head_param_groups(m, args, head_scale))
-    else:
-        optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    try:
+        if args.head_lr is not None or args.head_weight_decay is not None:
+            head_scale = args.head_lr / args.lr if args.head_lr is not None else 1.0
+            optimizer = create_optimizer_v2(
+                model, **optimizer_kwargs(cfg=args), **args.opt_kwargs,
+                param_group_fn=lambda m: head_param_groups(m, args, head_scale))
+        else:
+            optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    except (ValueError, TypeError) as e:   # an unknown --opt, an --opt-kwargs key the optimizer does not take
+        fail(f'cannot create optimizer --opt {args.opt} ({_first_line(e)}); see timm.optim.list_optimizers() '
+             f'and check --opt-kwargs')
     if utils.is_primary(args):
         defaults = copy.deepcopy(optimizer.defaults)
         defaults['weight_decay'] = args.weight_decay
@@ -1054,7 +1064,8 @@ def main(argv=None):
                 optimizer=None if args.no_resume_opt else optimizer,
                 loss_scaler=None if args.no_resume_opt else loss_scaler,
                 log_info=utils.is_primary(args))
-            resume_rng = torch.load(args.resume, map_location='cpu', weights_only=True).get('rng_state')
+            with torch.serialization.safe_globals([argparse.Namespace]):   # timm's own checkpoints hold a Namespace
+                resume_rng = torch.load(args.resume, map_location='cpu', weights_only=True).get('rng_state')
         except CHECKPOINT_ERRORS as e:
             fail(f'--resume {args.resume}: cannot resume from it ({_first_line(e)}); it is truncated or the '
                  f'checkpoint of another model: pass an intact last.pth.tar of this run')
@@ -1084,6 +1095,17 @@ def main(argv=None):
 
     eval_metric = args.eval_metric if loader_eval is not None else 'loss'
     decreasing_metric = eval_metric == 'loss'
+    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    try:
+        lr_scheduler, num_epochs = create_scheduler_v2(
+            optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing_metric),
+            updates_per_epoch=updates_per_epoch)
+    except (ValueError, AssertionError) as e:
+        fail(f'cannot create scheduler --sched {args.sched} ({_first_line(e)}); check --sched and its options')
+    if lr_scheduler is None:  # no scheduler applies lr_scale: apply the head's once
+        for group in optimizer.param_groups:
+            if group.get('is_head'):
+                group['lr'] = group['lr'] * group['lr_scale']
     best_metric = None
     best_epoch = None
     saver = None
@@ -1111,13 +1133,6 @@ def main(argv=None):
                     "You've requested to log metrics to wandb but package not found. "
                     "Metrics not being logged to wandb, try `pip install wandb`")
 
-    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing_metric), updates_per_epoch=updates_per_epoch)
-    if lr_scheduler is None:  # no scheduler applies lr_scale: apply the head's once
-        for group in optimizer.param_groups:
-            if group.get('is_head'):
-                group['lr'] = group['lr'] * group['lr_scale']
     start_epoch = 0
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
@@ -1226,7 +1241,12 @@ def main(argv=None):
 # ---------------------------------------------------------------------------------------------------------------
 
 class DeviceMeans:
-    """Running sums of 0-d device tensors, read (one host sync) only when asked: NaNs are left out of a mean."""
+    """Running sums of 0-d device tensors, read (one host sync) only when asked.
+
+    A loss that turns NaN / inf shows in its mean, as in timm; only the CARROT minima, NaN by definition in a
+    batch where no class has 2 samples, are left out of their means when NaN.
+    """
+    UNDEFINED_WHEN_NAN = ('min_r', 'min_erank_frac')
 
     def __init__(self):
         self.sums, self.counts = {}, {}
@@ -1234,7 +1254,7 @@ class DeviceMeans:
     def update(self, values, weight=1.0):
         for k, v in values.items():
             v = v.detach().float()
-            ok = torch.isfinite(v)
+            ok = ~torch.isnan(v) if k in self.UNDEFINED_WHEN_NAN else torch.ones_like(v, dtype=torch.bool)
             self.sums[k] = self.sums.get(k, 0.) + torch.where(ok, v, 0.) * weight
             self.counts[k] = self.counts.get(k, 0.) + ok.float() * weight
 

@@ -342,6 +342,12 @@ def validate(args):
         torch.backends.cudnn.benchmark = True
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         fail(f'--device {args.device} (the default) but CUDA is not available here; pass --device cpu')
+    for flag, path in (('--results-file', args.results_file), ('--per-class-csv', args.per_class_csv)):
+        if path and os.path.dirname(path) and not os.path.isdir(os.path.dirname(path)):
+            fail(f'{flag} {path}: its folder does not exist; create it or pass another path')
+    for flag, path in (('--valid-labels', args.valid_labels), ('--real-labels', args.real_labels)):
+        if path and not os.path.isfile(path):
+            fail(f'{flag} {path}: no such file; pass the path of the labels file')
     device = torch.device(args.device)
     if args.metrics_avg and not has_sklearn:
         _logger.warning("scikit-learn not installed, disabling metrics calculation. "
@@ -402,6 +408,9 @@ def validate(args):
             fail(f'cannot create {model_name} with pretrained weights ({type(e).__name__}: '
                  f'{str(e).splitlines()[0][:300]}); pass --checkpoint PATH to validate trained weights')
         raise
+    except (TypeError, ValueError) as e:   # a --model-kwargs key or value the architecture does not take
+        fail(f'cannot create {model_name} ({type(e).__name__}: {str(e).splitlines()[0][:300]}); '
+             f'check --model-kwargs and the model options')
     if args.num_classes is None:
         args.num_classes = model.num_classes
     if state_dict is not None:
@@ -446,6 +455,9 @@ def validate(args):
             valid_labels = [int(line.rstrip()) for line in f]
     real_labels = None
     if args.real_labels:
+        if not hasattr(dataset, 'filenames'):
+            fail(f'--real-labels needs a data set that lists its file names (ImageNet validation as an image '
+                 f'folder); {args.dataset or "this data set"} does not: remove --real-labels')
         real_labels = RealLabelsImagenet(dataset.filenames(basename=True), real_json=args.real_labels)
     crop_pct = 1.0 if test_time_pool else data_config['crop_pct']
     loader = make_loader(args, dataset, data_config, crop_pct, device, model_dtype, model)
@@ -647,8 +659,6 @@ def write_csv(path, rows):
 
 
 def write_results(results_file, results, format='csv'):
-    if format not in ('csv', 'json'):
-        fail(f'--results-format must be csv or json, got {format}')
     if format == 'json':
         with open(results_file, mode='w') as f:
             json.dump(results, f, indent=4)

@@ -139,6 +139,16 @@ def test_zzz_carrot_variants(data_dir, tmp_path, extra):
         assert os.path.exists(os.path.join(out, 'model_best_ema.safetensors'))
 
 
+def test_device_means_keep_a_nan_loss():
+    """A diverged loss shows as NaN in the logged mean (as in timm); the CARROT minima skip their NaN batches."""
+    means = train.DeviceMeans()
+    nan, one = torch.tensor(float('nan')), torch.tensor(1.0)
+    means.update({'loss': one, 'min_r': one})
+    means.update({'loss': nan, 'min_r': nan})
+    out = means.means()
+    assert np.isnan(out['loss']) and out['min_r'] == 1.0
+
+
 def test_compile_and_grad_checkpointing_match_eager(data_dir, tmp_path, caplog):
     """--torchcompile (aot_eager: dynamo and AOT autograd through the head's and CARROT's autograd Functions,
     no C++ compiler needed), --grad-checkpointing and --channels-last give the eager run's numbers."""
@@ -321,6 +331,23 @@ def test_bad_input_stops_before_training(data_dir, tmp_path):
         run(data_dir, tmp_path, 'x', '--sampler', 'pk', '--samples-per-class', '2', '--carrot')
     with pytest.raises(SystemExit, match='--torchscript is not supported for carrot_zzz models'):
         run(data_dir, tmp_path, 'x', '--model', 'test_vit_zzz.r160_in1k', '--torchscript')
+    for flags, message in ((('--opt', 'adamz'), 'cannot create optimizer --opt adamz .*not found'),
+                           (('--sched', 'cosinus'), "cannot create scheduler --sched cosinus .*Unknown scheduler"),
+                           (('--eval-metric', 'top3'), '--eval-metric top3: .*pass one of them'),
+                           (('--clip-mode', 'l2', '--clip-grad', '1'), '--clip-mode l2: pass norm, value or agc')):
+        with pytest.raises(SystemExit, match=message):
+            run(data_dir, tmp_path, 'x', *flags)
+    assert not os.path.exists(os.path.join(tmp_path, 'x'))
+
+
+def test_remote_readers_and_deprecated_flags_run_as_in_timm(tmp_path, caplog):
+    """A data folder that a hub / tfds / webdataset reader makes itself is not required to exist, and
+    --drop-connect (deprecated, ignored by timm) runs with a warning instead of stopping."""
+    args, _ = train.parse_args(['--data-dir', str(tmp_path / 'cache'), '--dataset', 'hfds/some/dataset'])
+    assert args.dataset == 'hfds/some/dataset'
+    caplog.set_level(logging.WARNING, logger='train')
+    train.parse_args(['--data-dir', str(tmp_path), '--drop-connect', '0.1'])
+    assert any('--drop-connect is deprecated' in r.message for r in caplog.records)
 
 
 def test_missing_or_corrupt_checkpoints_stop_with_one_line(data_dir, tmp_path):
@@ -335,6 +362,16 @@ def test_missing_or_corrupt_checkpoints_stop_with_one_line(data_dir, tmp_path):
         run(data_dir, tmp_path, 'x', '--head', 'zzz', '--zzz-rank', '2', '--resume', str(truncated))
     with pytest.raises(SystemExit, match=r'--initial-checkpoint .*truncated.pth.tar: cannot load it'):
         run(data_dir, tmp_path, 'x', '--head', 'zzz', '--zzz-rank', '2', '--initial-checkpoint', str(truncated))
+    # a checkpoint as timm's own train.py writes it (args as an argparse.Namespace) resumes
+    import argparse
+    ckpt = torch.load(good, weights_only=True)
+    ckpt['args'] = argparse.Namespace(**ckpt['args'])
+    ckpt.pop('rng_state')
+    timm_style = tmp_path / 'timm_style.pth.tar'
+    torch.save(ckpt, timm_style)
+    rows = read_summary(run(data_dir, tmp_path, 'from_timm', '--head', 'zzz', '--zzz-rank', '2', '--resume',
+                            str(timm_style), epochs=2))
+    assert [r['epoch'] for r in rows] == ['1']
     # the checkpoint of another model (a linear head) does not resume a ZZZ run
     with pytest.raises(SystemExit, match='--resume .*last.pth.tar: cannot resume from it'):
         run(data_dir, tmp_path, 'x', '--head', 'linear', '--resume', good)

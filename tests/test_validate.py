@@ -104,6 +104,12 @@ def test_mismatch_and_missing_checkpoint_fail_clearly(ckpts, tmp_path):
     truncated.write_bytes(open(ckpts['zzz_pth'], 'rb').read()[:3000])
     with pytest.raises(SystemExit, match='cannot read checkpoint .*truncated'):
         validate.main(COMMON + ['--model', 'test_resnet', '--checkpoint', str(truncated)])
+    for flags, message in ((['--results-file', str(tmp_path / 'no' / 'r.csv')], '--results-file .*folder does not'),
+                           (['--per-class-csv', str(tmp_path / 'no' / 'p.csv')], '--per-class-csv .*folder does not'),
+                           (['--valid-labels', str(tmp_path / 'none.txt')], '--valid-labels .*no such file'),
+                           (['--model-kwargs', 'wingspan=3'], 'cannot create test_resnet .*--model-kwargs')):
+        with pytest.raises(SystemExit, match=message):
+            validate.main(COMMON + ['--model', 'test_resnet', '--checkpoint', ckpts['plain_pth'], *flags])
     with pytest.raises(SystemExit, match='--torchscript is not supported for carrot_zzz models'):
         validate.main(COMMON + ['--model', 'test_resnet_zzz.r160_in1k', '--checkpoint', ckpts['zzz_pth'],
                                 '--torchscript'])
