@@ -16,6 +16,8 @@ New flags (see `carrot-zzz parameters` in --help):
     --head-weight-decay WD   head weight decay; the backbone keeps --weight-decay
     --sampler {random,pk} --samples-per-class K      class-balanced P x K batches (carrot_zzz.sampler)
 
+From timm 1.0.31's train.py: --resume auto, --stop-epoch, --save-epochs, --sched wsd / rsqrt with --lr-decay-fn and
+--lr-stable-timescale, --loss (timm.loss.create_classification_loss); --task multilabel stops with one line.
 Flags that are parsed but not supported yet (UNSUPPORTED_FLAGS) stop the run with one line when set.
 """
 import argparse
@@ -42,7 +44,9 @@ from timm import utils
 from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader, resolve_data_config
 from timm.data.loader import PrefetchLoader
 from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
-from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import (BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy,
+                       create_classification_loss)
+from timm.loss._loss_factory import LOSS_TYPES
 from timm.models import create_model, load_checkpoint, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
@@ -56,6 +60,7 @@ from carrot_zzz.model import ZZZModel
 from carrot_zzz.recipe import read_recipe
 from carrot_zzz.registry import base_name, is_zzz_name, zzz_name
 from carrot_zzz.sampler import PKBatchSampler, dataset_targets
+from carrot_zzz.task_flags import add_task_flags, single_label_error
 from carrot_zzz.train_task import CARROT_SCOPES, CarrotClassificationTask
 from carrot_zzz.weights import save_weights
 
@@ -115,7 +120,8 @@ def build_parsers():
     g.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
                    help='Load this checkpoint into model after initialization (default: none)')
     g.add_argument('--resume', default='', type=str, metavar='PATH',
-                   help='Resume full model and optimizer state from checkpoint (default: none)')
+                   help='Resume full model and optimizer state from checkpoint (default: none); "auto" (timm '
+                        '1.0.31): the experiment\'s own last.pth.tar when it exists, else a fresh start')
     g.add_argument('--no-resume-opt', action='store_true', default=False,
                    help='prevent resume of optimizer state when resuming model')
     g.add_argument('--num-classes', type=int, default=None, metavar='N',
@@ -220,7 +226,17 @@ def build_parsers():
                    help='manual epoch number (useful on restarts)')
     g.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES',
                    help='list of decay epoch indices for multistep lr. must be increasing')
-    g.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='epoch interval to decay LR')
+    g.add_argument('--decay-epochs', type=float, default=None, metavar='N',
+                   help='epoch interval to decay LR (step), decay phase length (wsd / rsqrt, a value in (0, 1) is a '
+                        'fraction of the schedule); default: 90 for step, 0.2 for wsd / rsqrt, as timm 1.0.31')
+    g.add_argument('--lr-decay-fn', type=str, default=None, metavar='FN',
+                   help='decay phase function of wsd / rsqrt (timm 1.0.31; default: 1-sqrt for wsd, linear for rsqrt)')
+    g.add_argument('--lr-stable-timescale', type=float, default=None, metavar='N',
+                   help='rsqrt timescale in epochs (timm 1.0.31; default: warmup epochs)')
+    g.add_argument('--stop-epoch', type=int, default=None, metavar='N',
+                   help='stop once N epochs are complete, without changing the schedule (timm 1.0.31)')
+    g.add_argument('--save-epochs', type=int, nargs='+', default=None, metavar='N',
+                   help='keep milestone-N.pth.tar, the state after N completed epochs (timm 1.0.31)')
     g.add_argument('--warmup-epochs', type=int, default=5, metavar='N',
                    help='epochs to warmup LR, if scheduler supports')
     g.add_argument('--warmup-prefix', action='store_true', default=False,
@@ -257,6 +273,10 @@ def build_parsers():
     g.add_argument('--jsd-loss', action='store_true', default=False,
                    help='Enable Jensen-Shannon Divergence + CE loss. Use with `--aug-splits`.')
     g.add_argument('--bce-loss', action='store_true', default=False, help='Enable BCE loss w/ Mixup/CutMix use.')
+    g.add_argument('--loss', type=str, default=None, choices=LOSS_TYPES,
+                   help='training loss by timm.loss.create_classification_loss (timm 1.0.31); default: chosen by '
+                        '--jsd-loss / --bce-loss / mixup / --smoothing as in timm')
+    add_task_flags(g)
     g.add_argument('--bce-sum', action='store_true', default=False, help='Sum over classes when using BCE loss.')
     g.add_argument('--bce-target-thresh', type=float, default=None,
                    help='Threshold for binarizing softened BCE targets (default: None, disabled).')
@@ -481,9 +501,20 @@ def check_args(args, parser):
     reader_fetches = (args.dataset or '').split('/')[0] in ('hfds', 'hfids', 'tfds', 'wds')
     if data_dir and not args.dataset_download and not reader_fetches and not os.path.exists(data_dir):
         fail(f'data folder {data_dir} does not exist; pass --data-dir with the path of your dataset')
+    error = single_label_error(args)
+    if error:
+        fail(error)
+    if args.loss and (args.jsd_loss or args.bce_loss) and args.loss != ('jsd' if args.jsd_loss else 'bce'):
+        fail(f'--loss {args.loss} contradicts --{"jsd" if args.jsd_loss else "bce"}-loss; keep one of them')
+    if args.resume == 'auto' and not args.experiment:
+        fail('--resume auto continues the experiment folder in place; pass --experiment NAME')
+    if args.stop_epoch is not None and args.stop_epoch < 1:
+        fail(f'--stop-epoch {args.stop_epoch}: pass the number of epochs after which to stop (>= 1)')
+    if args.save_epochs and min(args.save_epochs) < 1:
+        fail(f'--save-epochs {args.save_epochs}: pass numbers of completed epochs (>= 1)')
     for dest in ('resume', 'initial_checkpoint', 'pretrained_path'):
         path = getattr(args, dest)
-        if path and not os.path.isfile(path):
+        if path and not (dest == 'resume' and path == 'auto') and not os.path.isfile(path):
             fail(f'{_flag(dest)} {path}: no such file; pass the path of a checkpoint file')
     for dest in UNSUPPORTED_FLAGS:
         if getattr(args, dest) != parser.get_default(dest):
@@ -993,7 +1024,16 @@ def main(argv=None):
         )
 
     # loss, as timm's train.py picks it
-    if args.jsd_loss:
+    if args.loss:
+        bce = args.loss == 'bce'
+        try:
+            train_loss_fn = create_classification_loss(
+                loss_type=args.loss, smoothing=args.smoothing, soft_targets=mixup_active,
+                bce_target_thresh=args.bce_target_thresh if bce else None, bce_sum=args.bce_sum and bce,
+                pos_weight=args.bce_pos_weight if bce else None, jsd_splits=num_aug_splits)
+        except ValueError as e:
+            fail(f'--loss {args.loss}: {_first_line(e)}')
+    elif args.jsd_loss:
         if num_aug_splits <= 1:
             fail('--jsd-loss needs --aug-splits >= 2')
         train_loss_fn = JsdCrossEntropy(num_splits=num_aug_splits, smoothing=args.smoothing)
@@ -1057,6 +1097,11 @@ def main(argv=None):
 
     resume_epoch = None
     resume_rng = None
+    if args.resume == 'auto':   # the experiment's own last checkpoint, in place; none yet: a fresh start
+        last = os.path.join(args.output or './output/train', args.experiment, 'last.pth.tar')
+        args.resume = last if os.path.isfile(last) else ''
+        if utils.is_primary(args):
+            _logger.info(f'--resume auto: {"resuming from " + last if args.resume else "no " + last + ", starting fresh"}')
     if args.resume:
         try:
             resume_epoch = resume_task_checkpoint(
@@ -1167,7 +1212,9 @@ def main(argv=None):
     results = []
     wrote_summary = False
     try:
-        for epoch in range(start_epoch, num_epochs):
+        end_epoch = num_epochs if args.stop_epoch is None else min(num_epochs, args.stop_epoch)
+        milestones = set(args.save_epochs or ())
+        for epoch in range(start_epoch, end_epoch):
             set_loader_epoch(loader_train, epoch)
             train_metrics = train_one_epoch(
                 epoch, model, loader_train, optimizer, args, task=task, device=device, lr_scheduler=lr_scheduler,
@@ -1180,9 +1227,12 @@ def main(argv=None):
                 utils.distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
 
             epoch_p_1 = epoch + 1
-            if epoch_p_1 % args.val_interval != 0 and epoch_p_1 != num_epochs:
+            if epoch_p_1 % args.val_interval != 0 and epoch_p_1 not in (num_epochs, end_epoch):
                 if utils.is_primary(args):
                     _logger.info('Skipping eval and checkpointing ')
+                if saver is not None and epoch_p_1 in milestones:
+                    saver.save_checkpoint(epoch)   # unranked: the milestone needs this epoch's state
+                    saver.save_milestone(epoch_p_1)
                 if lr_scheduler is not None:
                     lr_scheduler.step(epoch_p_1, metric=None)
                 continue
@@ -1212,6 +1262,8 @@ def main(argv=None):
             latest_metric = eval_metrics[eval_metric] if eval_metrics is not None else train_metrics[eval_metric]
             if saver is not None:
                 best_metric, best_epoch = saver.save_checkpoint(epoch, metric=latest_metric)
+                if epoch_p_1 in milestones:
+                    saver.save_milestone(epoch_p_1)
             if lr_scheduler is not None:
                 lr_scheduler.step(epoch_p_1, latest_metric)
 

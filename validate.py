@@ -47,6 +47,7 @@ from timm.utils import (AverageMeter, ParseKwargs, check_batch_size_retry, decay
 import carrot_zzz  # noqa: F401  registers the `<arch>_zzz` models
 from carrot_zzz.recipe import read_recipe
 from carrot_zzz.registry import is_zzz_name, zzz_name
+from carrot_zzz.task_flags import add_task_flags, single_label_error
 from carrot_zzz.zzz_head import ZZZHead
 from carrot_zzz.data import create_dataset
 from carrot_zzz.metrics import auroc, ece, fpr_at_tpr, per_class_accuracy
@@ -153,6 +154,7 @@ def build_parser():
     p.add_argument('--retry', default=False, action='store_true',
                    help='Enable batch size decay & retry for single model validation')
     p.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
+    add_task_flags(p)
     p.add_argument('--metrics-avg', type=str, default=None, choices=['micro', 'macro', 'weighted'],
                    help='Enable precision, recall, F1-score calculation and specify the averaging method. '
                         'Requires scikit-learn. (default: None)')
@@ -342,6 +344,9 @@ def validate(args):
         torch.backends.cudnn.benchmark = True
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         fail(f'--device {args.device} (the default) but CUDA is not available here; pass --device cpu')
+    error = single_label_error(args)
+    if error:
+        fail(error)
     for flag, path in (('--results-file', args.results_file), ('--per-class-csv', args.per_class_csv)):
         if path and os.path.dirname(path) and not os.path.isdir(os.path.dirname(path)):
             fail(f'{flag} {path}: its folder does not exist; create it or pass another path')

@@ -186,6 +186,41 @@ def test_resume_matches_uninterrupted(data_dir, tmp_path, monkeypatch):
         assert float(a[1][col]) == pytest.approx(float(b[1][col]), rel=1e-5, abs=1e-7), col
 
 
+def test_stop_epoch_milestones_and_resume_auto(data_dir, tmp_path):
+    """timm 1.0.31's --stop-epoch (stop, schedule unchanged), --save-epochs (milestone-N after N epochs) and
+    --resume auto (continue the experiment folder in place) give the uninterrupted run's numbers."""
+    extra = ('--head', 'zzz', '--zzz-rank', '2', '--carrot', '--warmup-epochs', '1')
+    full = read_summary(run(data_dir, tmp_path / 'a', 'full', *extra, epochs=3))
+    out = run(data_dir, tmp_path / 'b', 'part', *extra, '--resume', 'auto', '--stop-epoch', '2',
+              '--save-epochs', '1', '2', epochs=3)                     # no last.pth.tar yet: a fresh start
+    assert [r['epoch'] for r in read_summary(out)] == ['0', '1']
+    for n in (1, 2):
+        assert torch.load(os.path.join(out, f'milestone-{n}.pth.tar'), weights_only=True)['epoch'] == n - 1
+    run(data_dir, tmp_path / 'b', 'part', *extra, '--resume', 'auto', epochs=3)
+    part = read_summary(out)
+    assert [r['epoch'] for r in part] == ['0', '1', '2']
+    for a, b in zip(full, part):
+        for col in ('train_loss', 'train_R', 'eval_loss', 'lr'):
+            assert float(a[col]) == pytest.approx(float(b[col]), rel=1e-5, abs=1e-7), (a['epoch'], col)
+    with pytest.raises(SystemExit, match='--resume auto continues the experiment folder in place; pass --experiment'):
+        train.main([data_dir, *BASE, '--resume', 'auto'])
+
+
+def test_timm_1_0_31_losses_schedules_and_tasks(data_dir, tmp_path):
+    # wsd with timm 1.0.31's default decay phase (the last 20%; the old fixed default, 90 epochs, cannot run)
+    rows = read_summary(run(data_dir, tmp_path, 'poly', '--loss', 'poly', '--sched', 'wsd', epochs=3))
+    assert len(rows) == 3 and all(np.isfinite(float(r['train_loss'])) for r in rows)
+    lrs = [float(r['lr']) for r in read_summary(run(data_dir, tmp_path, 'wsd', '--sched', 'wsd', '--decay-epochs', '2',
+                                                    epochs=4))]
+    assert lrs[0] == lrs[1] == lrs[2] > lrs[3] > 0                        # stable, then the decay phase
+    for flags, message in ((('--loss', 'twoway'), '--loss twoway: .*requires multi-label'),
+                           (('--task', 'multilabel'), '--task multilabel: multi-label training and validation are not supported'),
+                           (('--target-format', 'multihot'), '--target-format multihot: multi-label'),
+                           (('--loss', 'ce', '--bce-loss'), '--loss ce contradicts --bce-loss')):
+        with pytest.raises(SystemExit, match=message):
+            run(data_dir, tmp_path, 'x', *flags)
+
+
 def test_checkpoint_write_is_atomic(data_dir, tmp_path, monkeypatch):
     out = run(data_dir, tmp_path, 'atomic', epochs=1)
     last = os.path.join(out, 'last.pth.tar')
@@ -348,6 +383,9 @@ def test_remote_readers_and_deprecated_flags_run_as_in_timm(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger='train')
     train.parse_args(['--data-dir', str(tmp_path), '--drop-connect', '0.1'])
     assert any('--drop-connect is deprecated' in r.message for r in caplog.records)
+    caplog.set_level(logging.WARNING)
+    train.parse_args(['--data-dir', str(tmp_path), '--multilabel-threshold', '0.5'])   # timm 1.0.31 args.yaml
+    assert any('--multilabel-threshold applies to multi-label' in r.message for r in caplog.records)
 
 
 def test_missing_or_corrupt_checkpoints_stop_with_one_line(data_dir, tmp_path):

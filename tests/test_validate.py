@@ -107,7 +107,8 @@ def test_mismatch_and_missing_checkpoint_fail_clearly(ckpts, tmp_path):
     for flags, message in ((['--results-file', str(tmp_path / 'no' / 'r.csv')], '--results-file .*folder does not'),
                            (['--per-class-csv', str(tmp_path / 'no' / 'p.csv')], '--per-class-csv .*folder does not'),
                            (['--valid-labels', str(tmp_path / 'none.txt')], '--valid-labels .*no such file'),
-                           (['--model-kwargs', 'wingspan=3'], 'cannot create test_resnet .*--model-kwargs')):
+                           (['--model-kwargs', 'wingspan=3'], 'cannot create test_resnet .*--model-kwargs'),
+                           (['--task', 'multilabel'], '--task multilabel: multi-label training and validation are not supported')):
         with pytest.raises(SystemExit, match=message):
             validate.main(COMMON + ['--model', 'test_resnet', '--checkpoint', ckpts['plain_pth'], *flags])
     with pytest.raises(SystemExit, match='--torchscript is not supported for carrot_zzz models'):
