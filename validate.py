@@ -24,6 +24,7 @@ not given, and a plain architecture name with a `_zzz` checkpoint becomes `<arch
     python validate.py -c hparams/demo.yaml --checkpoint output/train/demo/model_best.safetensors
 """
 import argparse
+import copy
 import csv
 import glob
 import json
@@ -342,17 +343,6 @@ def validate(args):
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        fail(f'--device {args.device} (the default) but CUDA is not available here; pass --device cpu')
-    error = single_label_error(args)
-    if error:
-        fail(error)
-    for flag, path in (('--results-file', args.results_file), ('--per-class-csv', args.per_class_csv)):
-        if path and os.path.dirname(path) and not os.path.isdir(os.path.dirname(path)):
-            fail(f'{flag} {path}: its folder does not exist; create it or pass another path')
-    for flag, path in (('--valid-labels', args.valid_labels), ('--real-labels', args.real_labels)):
-        if path and not os.path.isfile(path):
-            fail(f'{flag} {path}: no such file; pass the path of the labels file')
     device = torch.device(args.device)
     if args.metrics_avg and not has_sklearn:
         _logger.warning("scikit-learn not installed, disabling metrics calculation. "
@@ -450,8 +440,6 @@ def validate(args):
 
     # data
     root_dir = args.data or args.data_dir
-    if not args.dataset and not root_dir:
-        fail('no data folder given; pass --data-dir DIR (an image folder, or the root of --dataset NAME)')
     input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
     dataset = make_dataset(args, args.dataset, root_dir, args.split, input_img_mode, args.class_map)
     valid_labels = None
@@ -597,9 +585,27 @@ def parse_args(argv=None):
     return args
 
 
+def check_args(args):
+    """What holds for the whole run, checked once before any model (in a bulk run, before the first)."""
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        fail(f'--device {args.device} (the default) but CUDA is not available here; pass --device cpu')
+    error = single_label_error(args)
+    if error:
+        fail(error)
+    if not args.dataset and not (args.data or args.data_dir):
+        fail('no data folder given; pass --data-dir DIR (an image folder, or the root of --dataset NAME)')
+    for flag, path in (('--results-file', args.results_file), ('--per-class-csv', args.per_class_csv)):
+        if path and os.path.dirname(path) and not os.path.isdir(os.path.dirname(path)):
+            fail(f'{flag} {path}: its folder does not exist; create it or pass another path')
+    for flag, path in (('--valid-labels', args.valid_labels), ('--real-labels', args.real_labels)):
+        if path and not os.path.isfile(path):
+            fail(f'{flag} {path}: no such file; pass the path of the labels file')
+
+
 def main(argv=None):
     setup_default_logging()
     args = parse_args(argv)
+    check_args(args)
     model_cfgs = []
     model_names = []
     if os.path.isdir(args.checkpoint):  # every checkpoint in a folder, same model
@@ -629,20 +635,23 @@ def main(argv=None):
         try:
             initial_batch_size = args.batch_size
             for m, c in model_cfgs:
-                args.model = m
-                args.checkpoint = c
+                run_args = copy.copy(args)   # validate() fills in settings (class count, ...) per model
+                run_args.model = m
+                run_args.checkpoint = c
                 try:
-                    r = _try_run(args, initial_batch_size)
+                    r = _try_run(run_args, initial_batch_size)
                 except SystemExit as e:  # fail(): this checkpoint or model cannot be validated; go on with the rest
                     _logger.error(f'skipping {m} {c or ""}: {e}')
                     continue
                 if 'error' in r:
                     continue
-                if args.checkpoint:
-                    r['checkpoint'] = args.checkpoint
+                if run_args.checkpoint:
+                    r['checkpoint'] = run_args.checkpoint
                 results.append(r)
         except KeyboardInterrupt:
             pass
+        if not results:
+            fail('no model or checkpoint could be validated; see the errors above')
         results = sorted(results, key=lambda x: x['top1'], reverse=True)
     else:
         results = _try_run(args, args.batch_size) if args.retry else validate(args)

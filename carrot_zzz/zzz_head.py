@@ -61,7 +61,10 @@ class _ClassProjection(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_m = -(A @ grad_sum.unsqueeze(2)).squeeze(2)                  # (C, d)
         if ctx.needs_input_grad[2]:
-            grad_columns = torch.mm(x.T, grad_flat, out=columns)             # (d, C r), reusing the buffer
+            # (d, C r), into the buffer of `columns` (no new pages to fault in); a new tensor when this backward
+            # is itself differentiated (create_graph=True: out= has no gradient)
+            reuse = columns if columns is not None and not torch.is_grad_enabled() else None
+            grad_columns = torch.mm(x.T, grad_flat, out=reuse)
             grad_A = grad_columns.view(d, C, r).permute(1, 0, 2).contiguous()  # (C, d, r)
             grad_A.baddbmm_(m.unsqueeze(2), grad_sum.unsqueeze(1), alpha=-1)
             grad_A.baddbmm_(A, grad_gram + grad_gram.transpose(1, 2))
@@ -201,11 +204,11 @@ class ZZZHead(nn.Module):
 
             # ||x - m_c||^2 expanded: (B, C)
             dist2 = (x * x).sum(1, keepdim=True) - 2.0 * (x @ m.T) + (m * m).sum(1)
-            # t = U_c^T (x - m_c) = inv_r_c^T proj_c, each t_k scaled by sqrt(alpha^2 v_k / (1 + alpha v_k)) so
-            # that the Woodbury term is ||t||^2: (C, B, r), U never formed
-            scale = alpha * torch.sqrt(v / (1.0 + alpha * v))               # (C, r)
-            t = proj.transpose(0, 1) @ (inv_r * scale.unsqueeze(1))         # (C, B, r)
-            mahalanobis = alpha * dist2 - t.square().sum(-1).T             # (B, C)
+            # t = U_c^T (x - m_c) = inv_r_c^T proj_c: (C, B, r), U never formed
+            t = proj.transpose(0, 1) @ inv_r                                # (C, B, r)
+            shrink = alpha * alpha * v / (1.0 + alpha * v)                  # (C, r)
+            woodbury = (t.square() @ shrink.unsqueeze(2)).squeeze(2)        # (C, B): sum_k t_k^2 shrink_k
+            mahalanobis = alpha * dist2 - woodbury.T                       # (B, C)
             logdet = A.shape[1] * torch.log(sigma2) + torch.log1p(alpha * v).sum(-1)  # (C,)
             return -0.5 * (mahalanobis + logdet)
 

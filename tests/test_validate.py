@@ -123,9 +123,20 @@ def test_checkpoint_folder_skips_a_bad_file(ckpts, tmp_path):
     good = open(ckpts['plain_pth'], 'rb').read()
     (folder / 'checkpoint-1.pth.tar').write_bytes(good)
     (folder / 'checkpoint-2.pth.tar').write_bytes(good[:3000])
+    eleven = timm.create_model('test_resnet', num_classes=11)        # another class count: read per checkpoint
+    torch.save({'epoch': 1, 'state_dict': _biased(eleven, 'fc.bias', 2)}, folder / 'checkpoint-3.pth.tar')
     results = validate.main(COMMON + ['--model', 'test_resnet', '--checkpoint', str(folder)])
-    assert [os.path.basename(r['checkpoint']) for r in results] == ['checkpoint-1.pth.tar']
-    assert results[0]['top1'] == 10.0
+    assert sorted(os.path.basename(r['checkpoint']) for r in results) == ['checkpoint-1.pth.tar', 'checkpoint-3.pth.tar']
+    assert [r['top1'] for r in results] == [10.0, 10.0]
+    # nothing validated: an error, not an empty success
+    for name in ('checkpoint-1.pth.tar', 'checkpoint-3.pth.tar'):
+        os.remove(folder / name)
+    with pytest.raises(SystemExit, match='no model or checkpoint could be validated'):
+        validate.main(COMMON + ['--model', 'test_resnet', '--checkpoint', str(folder)])
+    # a setting wrong for the whole run stops before the first checkpoint
+    with pytest.raises(SystemExit, match='--results-file .*folder does not exist'):
+        validate.main(COMMON + ['--model', 'test_resnet', '--checkpoint', str(folder),
+                                '--results-file', str(tmp_path / 'no' / 'r.json'), '--results-format', 'json'])
 
 
 def test_cli_prints_timm_output(ckpts):

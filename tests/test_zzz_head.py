@@ -157,6 +157,28 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(fn, (feats, *[p.detach().clone().requires_grad_(True) for p in params]))
 
 
+def test_gradgradcheck():
+    """Second derivatives (create_graph=True: Adahessian, gradient penalties on the input)."""
+    head = make_head(3, 4, 2)
+    feats = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    a = head.A.detach().clone().requires_grad_(True)
+    mu = head.mu.detach().clone().requires_grad_(True)
+
+    def fn(x, mu_, a_):
+        return torch.func.functional_call(head, {'mu': mu_, 'A': a_}, (x,))
+
+    assert torch.autograd.gradgradcheck(fn, (feats, mu, a))
+
+
+def test_zero_variance_floor_keeps_gradients_finite():
+    """v_min = 0 with v_raw far below 0: v underflows to exactly 0, the logits and gradients stay finite."""
+    head = ZZZHead(5, 8, 2, v_min=0.0)
+    with torch.no_grad():
+        head.v_raw.fill_(-200.0)
+    head(torch.randn(4, 8)).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters())
+
+
 class _Recorder(TorchDispatchMode):
     """Records every aten op, the largest tensor any op produced, and the matrices linalg ops factor."""
 
