@@ -62,7 +62,7 @@ from carrot_zzz.registry import base_name, is_zzz_name, zzz_name
 from carrot_zzz.sampler import PKBatchSampler, dataset_targets
 from carrot_zzz.task_flags import add_task_flags, single_label_error
 from carrot_zzz.train_task import CARROT_SCOPES, CarrotClassificationTask
-from carrot_zzz.weights import save_weights
+from carrot_zzz.weights import load_checkpoint_file, save_weights
 
 try:
     import wandb
@@ -704,7 +704,7 @@ def export_safetensors(output_dir, model, ema_model=None):
         src = os.path.join(output_dir, 'last.pth.tar')
         if not os.path.exists(src):
             return []
-    ckpt = torch.load(src, map_location='cpu', weights_only=True)
+    ckpt = load_checkpoint_file(src)
     written = []
     for key, module, name in (('state_dict', model, 'model_best.safetensors'),
                               ('state_dict_ema', ema_model, 'model_best_ema.safetensors')):
@@ -1109,8 +1109,7 @@ def main(argv=None):
                 optimizer=None if args.no_resume_opt else optimizer,
                 loss_scaler=None if args.no_resume_opt else loss_scaler,
                 log_info=utils.is_primary(args))
-            with torch.serialization.safe_globals([argparse.Namespace]):   # timm's own checkpoints hold a Namespace
-                resume_rng = torch.load(args.resume, map_location='cpu', weights_only=True).get('rng_state')
+            resume_rng = load_checkpoint_file(args.resume).get('rng_state')
         except CHECKPOINT_ERRORS as e:
             fail(f'--resume {args.resume}: cannot resume from it ({_first_line(e)}); it is truncated or the '
                  f'checkpoint of another model: pass an intact last.pth.tar of this run')

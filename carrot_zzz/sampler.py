@@ -67,6 +67,8 @@ class PKBatchSampler(Sampler[List[int]]):
             raise ValueError(
                 f'--sampler pk needs {global_classes} distinct classes per global batch (batch_size / K x world '
                 f'size) but the dataset has {len(self.class_indices)}; raise --samples-per-class or lower --batch-size')
+        if num_batches is not None and num_batches < 1:
+            raise ValueError(f'PKBatchSampler: num_batches must be >= 1, got {num_batches}')
         self.num_batches = num_batches or max(1, labels.numel() // (num_replicas * batch_size))
 
     def set_epoch(self, epoch: int) -> None:

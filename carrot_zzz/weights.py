@@ -7,6 +7,7 @@ The file is a plain safetensors state dict (keys `backbone.*`, `head.*` for a `_
 `load_checkpoint(model, path)` and `create_model(name, checkpoint_path=path)` read it as well.
 DDP / torch.compile wrappers are unwrapped on both sides, so the keys never carry 'module.' / '_orig_mod.'.
 """
+import argparse
 import logging
 import os
 from pathlib import Path
@@ -41,6 +42,13 @@ def _clean_key(key: str) -> str:
     return key
 
 
+def load_checkpoint_file(path: PathLike, mmap: bool = False) -> Any:
+    """torch.load(weights_only=True) on the CPU that also takes timm's training checkpoints (their `args` is an
+    argparse.Namespace, which weights_only refuses unless allowed)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(str(path), map_location='cpu', weights_only=True, mmap=mmap)
+
+
 def checkpoint_keys(path: PathLike) -> List[str]:
     """Tensor names of a weight file (.safetensors header only; .pth/.bin memory-mapped), wrapper prefixes removed."""
     path = str(path)
@@ -50,9 +58,9 @@ def checkpoint_keys(path: PathLike) -> List[str]:
             keys: Iterable[str] = list(f.keys())
     else:
         try:
-            ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+            ckpt = load_checkpoint_file(path, mmap=True)
         except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+            ckpt = load_checkpoint_file(path)
         if isinstance(ckpt, dict):
             for k in _STATE_DICT_KEYS:
                 if isinstance(ckpt.get(k), dict):
@@ -184,13 +192,15 @@ def save_weights(model: nn.Module, path: PathLike, metadata: Optional[Dict[str, 
     if cfg.get('architecture'):
         meta['architecture'] = str(cfg['architecture'])
     for attr in ('num_classes', 'head_type', 'zzz_rank', 'head_hidden_size'):
-        if hasattr(model, attr):
+        if hasattr(model, attr) and not (attr == 'zzz_rank' and getattr(model, 'head_type', 'zzz') != 'zzz'):
             meta[attr] = str(getattr(model, attr))
     meta.update(metadata or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
     try:
         safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, 'rb+') as f:   # on disk before the rename: a power loss leaves the old file or the new one
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -72,6 +72,9 @@ def test_bad_configurations():
         PKBatchSampler(labels, batch_size=10, samples_per_class=4)
     with pytest.raises(ValueError, match='distinct classes'):
         PKBatchSampler(labels, batch_size=64, samples_per_class=2)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match='num_batches must be >= 1'):
+            PKBatchSampler(labels, batch_size=8, samples_per_class=4, num_batches=bad)
 
 
 def test_dataset_targets_reads_labels_without_images():

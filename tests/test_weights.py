@@ -105,9 +105,28 @@ def test_save_for_hf_and_local_dir_round_trip(tmp_path):
 def test_whole_model_file_through_pretrained_cfg_overlay(tmp_path):
     model = _trained(num_classes=5, head_type='linear')
     path = save_weights(model, tmp_path / 'w.safetensors')
+    meta = read_weights(path)[1]
+    assert meta['head_type'] == 'linear' and meta['num_classes'] == '5' and 'zzz_rank' not in meta
     again = timm.create_model('resnet10t_zzz', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
                               num_classes=5, head_type='linear').eval()
     _assert_same(model, again)
+
+
+@pytest.mark.parametrize('whole', [False, True], ids=['base', 'whole'])
+def test_timm_training_checkpoint_through_pretrained_cfg_overlay(tmp_path, whole):
+    """A checkpoint as timm's CheckpointSaver writes it (args an argparse.Namespace) loads as pretrained weights,
+    of the base model (into the backbone) or of a whole `_zzz` model."""
+    import argparse
+    source = _trained(num_classes=5, head_type='linear') if whole else timm.create_model('resnet10t')
+    path = tmp_path / 'checkpoint-3.pth.tar'
+    torch.save({'epoch': 3, 'arch': 'x', 'state_dict': source.state_dict(),
+                'args': argparse.Namespace(model='resnet10t', lr=0.1)}, path)
+    model = timm.create_model('resnet10t_zzz', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              num_classes=5, head_type='linear').eval()
+    target = model if whole else model.backbone
+    for k, v in source.state_dict().items():
+        if not (not whole and k.startswith('fc.')):
+            assert torch.equal(target.state_dict()[k], v), k
 
 
 @pytest.mark.parametrize('kwargs,match', [
