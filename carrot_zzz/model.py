@@ -9,6 +9,7 @@ v_raw, sigma2_raw, bias; linear: weight, bias). `create_zzz_model` is what every
 calls; the base weights load through timm's own pretrained machinery (the base entrypoint, its
 pretrained_cfg and checkpoint filter), so every weight source timm supports for the base works here.
 """
+import importlib
 import inspect
 import re
 from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
@@ -19,10 +20,10 @@ from torch import nn
 import timm
 from timm.models import load_pretrained, resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
-from timm.models._registry import _model_pretrained_cfgs
+from timm.models._registry import _model_pretrained_cfgs, _model_to_module
 
 from .registry import ZZZ_SUFFIX
-from .weights import checkpoint_keys, fit_state_dict, is_whole_model_keys
+from .weights import _clean_key, checkpoint_keys, fit_state_dict, is_whole_model_keys
 from .zzz_head import ZZZHead
 
 __all__ = ['ZZZModel', 'HEAD_TYPES', 'create_zzz_model']
@@ -298,6 +299,32 @@ def _has_whole_model_weights(cfg: PretrainedCfg) -> bool:
     return False
 
 
+def _fit_whole_model(state_dict: Dict[str, torch.Tensor], model: 'ZZZModel', arch: str, name: str):
+    """A whole saved `_zzz` model's state_dict, made to fit `model` as timm does for the base architecture.
+
+    The backbone part goes through the base architecture's own checkpoint filter (e.g. a ViT's position
+    embedding resampled to another image size); the input convolutions whose channel count differs are left
+    for timm's load_pretrained to adapt (in_chans); everything else must fit exactly (fit_state_dict).
+    """
+    state_dict = {_clean_key(k): v for k, v in state_dict.items()}
+    module = _model_to_module.get(arch)
+    base_filter = getattr(importlib.import_module(f'timm.models.{module}'), 'checkpoint_filter_fn', None) \
+        if module else None
+    if base_filter is not None:
+        backbone = {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')}
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('backbone.')}
+        state_dict.update({'backbone.' + k: v for k, v in base_filter(backbone, model.backbone).items()})
+    expected = model.state_dict()
+    first_convs = model.pretrained_cfg.get('first_conv') or ()
+    adapted_later = {k: state_dict[k] for k in (f'{c}.weight' for c in (
+        (first_convs,) if isinstance(first_convs, str) else first_convs))
+        if k in state_dict and k in expected and state_dict[k].shape[1] != expected[k].shape[1]}
+    state_dict.update({k: expected[k] for k in adapted_later})   # checked as fitting; timm adapts them next
+    state_dict = fit_state_dict(state_dict, model, new_head_ok=True, what=name)
+    state_dict.update(adapted_later)
+    return state_dict
+
+
 def create_zzz_model(
         arch: str,
         pretrained: bool = False,
@@ -313,8 +340,10 @@ def create_zzz_model(
         the backbone, through the base's own entrypoint (its pretrained_cfg, filter fn, in_chans adaption);
         the head starts fresh;
       * a whole saved `_zzz` model (`local-dir:` / `hf-hub:` names, or a file / state_dict with backbone.* and
-        head.* keys) into the wrapper, through timm's load_pretrained; the head is kept when it fits and
-        re-initialised when num_classes differs from the checkpoint's, any other mismatch raises.
+        head.* keys) into the wrapper, through timm's load_pretrained; the backbone part gets what timm gives
+        the base architecture (its checkpoint filter, e.g. position embeddings resampled to another img_size,
+        and in_chans adaptation); the head is kept when it fits and re-initialised when num_classes differs
+        from the checkpoint's; any other mismatch raises.
     features_only=True returns the base's feature extractor (base weights only).
     Wrapper kwargs: num_classes, head_type, zzz_rank, zzz_v_min, zzz_sigma2_min; all others go to the base.
     """
@@ -369,7 +398,7 @@ def create_zzz_model(
             pretrained_cfg=load_cfg,
             num_classes=model.num_classes,
             in_chans=kwargs.get('in_chans', 3),
-            filter_fn=lambda sd, m: fit_state_dict(sd, m, new_head_ok=True, what=name),
+            filter_fn=lambda sd, m: _fit_whole_model(sd, m, arch, name),
             strict=True,
             cache_dir=cache_dir,
         )

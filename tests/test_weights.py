@@ -112,6 +112,28 @@ def test_whole_model_file_through_pretrained_cfg_overlay(tmp_path):
     _assert_same(model, again)
 
 
+@pytest.mark.parametrize('arch,saved,loaded', [
+    ('vit_tiny_patch16_224', dict(img_size=32, depth=1), dict(img_size=64, depth=1)),   # pos_embed resampled
+    ('resnet10t', {}, dict(in_chans=1)),                                                # stem adapted to 1 channel
+])
+def test_whole_model_file_adapts_as_timm_does_for_the_base(tmp_path, arch, saved, loaded):
+    """A saved `_zzz` model loaded at another image size or channel count: its backbone gets exactly what timm
+    gives the base architecture from the same weights (the base's checkpoint filter, in_chans adaptation)."""
+    torch.manual_seed(0)
+    zzz = timm.create_model(f'{arch}_zzz', num_classes=4, zzz_rank=2, **saved)
+    path = save_weights(zzz, tmp_path / 'zzz.safetensors')
+    base_path = tmp_path / 'base.safetensors'
+    save_weights(zzz.backbone, base_path)
+    again = timm.create_model(f'{arch}_zzz', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              num_classes=4, zzz_rank=2, **loaded)
+    base = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(base_path)),
+                             num_classes=0, **loaded)
+    for k, v in base.state_dict().items():
+        assert torch.equal(again.backbone.state_dict()[k], v), k
+    for k, v in zzz.head.state_dict().items():
+        assert torch.equal(again.head.state_dict()[k], v), k
+
+
 @pytest.mark.parametrize('whole', [False, True], ids=['base', 'whole'])
 def test_timm_training_checkpoint_through_pretrained_cfg_overlay(tmp_path, whole):
     """A checkpoint as timm's CheckpointSaver writes it (args an argparse.Namespace) loads as pretrained weights,
