@@ -60,7 +60,8 @@ from carrot_zzz.model import ZZZModel
 from carrot_zzz.recipe import read_recipe
 from carrot_zzz.registry import base_name, is_zzz_name, zzz_name
 from carrot_zzz.sampler import PKBatchSampler, dataset_targets
-from carrot_zzz.task_flags import add_task_flags, single_label_error
+from carrot_zzz.carrot import NAN_WHEN_UNUSED
+from carrot_zzz.cli import add_dataset_reader_flags, add_task_flags, first_line, single_label_error
 from carrot_zzz.train_task import CARROT_SCOPES, CarrotClassificationTask
 from carrot_zzz.weights import load_checkpoint_file, save_weights
 
@@ -100,15 +101,7 @@ def build_parsers():
                    help='Manually specify num samples in train split, for IterableDatasets.')
     g.add_argument('--val-num-samples', default=None, type=int, metavar='N',
                    help='Manually specify num samples in validation split, for IterableDatasets.')
-    g.add_argument('--dataset-download', action='store_true', default=False,
-                   help='Allow download of dataset for torch/ and tfds/ datasets that support it.')
-    g.add_argument('--class-map', default='', type=str, metavar='FILENAME',
-                   help='path to class to idx mapping file (default: "")')
-    g.add_argument('--input-img-mode', default=None, type=str, help='Dataset image conversion mode for input images.')
-    g.add_argument('--input-key', default=None, type=str, help='Dataset key for input images.')
-    g.add_argument('--target-key', default=None, type=str, help='Dataset key for target labels.')
-    g.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
-                   help="Allow huggingface dataset import to execute code downloaded from the dataset's repo.")
+    add_dataset_reader_flags(g)
     # Model parameters
     g = parser.add_argument_group('Model parameters')
     g.add_argument('--model', default='resnet50', type=str, metavar='MODEL',
@@ -442,12 +435,6 @@ UNSUPPORTED_FLAGS = (
 
 # what reading a truncated, corrupt or mismatched checkpoint raises (torch.load, load_state_dict, timm's readers)
 CHECKPOINT_ERRORS = (RuntimeError, ValueError, KeyError, EOFError, OSError, pickle.UnpicklingError)
-
-
-def _first_line(e: BaseException) -> str:
-    """'TypeName: first line of the message' (at most 300 characters)."""
-    text = str(e).strip().splitlines()
-    return f'{type(e).__name__}: {text[0][:300]}' if text else type(e).__name__
 
 
 def fail(msg: str):
@@ -804,7 +791,7 @@ def main(argv=None):
             **args.model_kwargs,
         )
     except (RuntimeError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         base = base_name(model_name) if is_zzz_name(model_name) else model_name
         if 'Unknown model' in msg and not timm.is_model(base):
             msg = f'timm has no model {base!r}; pick one of timm.list_models()'
@@ -818,7 +805,7 @@ def main(argv=None):
             load_checkpoint(model, args.initial_checkpoint)
         except CHECKPOINT_ERRORS as e:
             fail(f'--initial-checkpoint {args.initial_checkpoint}: cannot load it into {model_name} '
-                 f'({_first_line(e)}); pass an intact checkpoint of this model')
+                 f'({first_line(e)}); pass an intact checkpoint of this model')
 
     head = model.get_classifier()
     zzz_head = isinstance(head, carrot_zzz.ZZZHead)
@@ -894,7 +881,7 @@ def main(argv=None):
                 trust_remote_code=args.dataset_trust_remote_code, **kw)
         except (RuntimeError, FileNotFoundError, ValueError, AssertionError) as e:
             fail(f'cannot read split {split!r} of {args.dataset or "image folder"} at {args.data_dir}: '
-                 f'{str(e).splitlines()[0] if str(e) else type(e).__name__}; check --data-dir / --dataset / '
+                 f'{first_line(e)}; check --data-dir / --dataset / '
                  f'--{"train" if is_training else "val"}-split')
         if not isinstance(ds, torch.utils.data.IterableDataset) and len(ds) == 0:
             fail(f'split {split!r} at {args.data_dir} holds no samples; check --data-dir and --'
@@ -1032,7 +1019,7 @@ def main(argv=None):
                 bce_target_thresh=args.bce_target_thresh if bce else None, bce_sum=args.bce_sum and bce,
                 pos_weight=args.bce_pos_weight if bce else None, jsd_splits=num_aug_splits)
         except ValueError as e:
-            fail(f'--loss {args.loss}: {_first_line(e)}')
+            fail(f'--loss {args.loss}: {first_line(e)}')
     elif args.jsd_loss:
         if num_aug_splits <= 1:
             fail('--jsd-loss needs --aug-splits >= 2')
@@ -1083,7 +1070,7 @@ def main(argv=None):
         else:
             optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     except (ValueError, TypeError) as e:   # an unknown --opt, an --opt-kwargs key the optimizer does not take
-        fail(f'cannot create optimizer --opt {args.opt} ({_first_line(e)}); see timm.optim.list_optimizers() '
+        fail(f'cannot create optimizer --opt {args.opt} ({first_line(e)}); see timm.optim.list_optimizers() '
              f'and check --opt-kwargs')
     if utils.is_primary(args):
         defaults = copy.deepcopy(optimizer.defaults)
@@ -1101,7 +1088,8 @@ def main(argv=None):
         last = os.path.join(args.output or './output/train', args.experiment, 'last.pth.tar')
         args.resume = last if os.path.isfile(last) else ''
         if utils.is_primary(args):
-            _logger.info(f'--resume auto: {"resuming from " + last if args.resume else "no " + last + ", starting fresh"}')
+            _logger.info(f'--resume auto: resuming from {last}' if args.resume else
+                         f'--resume auto: no {last}, starting fresh')
     if args.resume:
         try:
             resume_epoch = resume_task_checkpoint(
@@ -1111,7 +1099,7 @@ def main(argv=None):
                 log_info=utils.is_primary(args))
             resume_rng = load_checkpoint_file(args.resume).get('rng_state')
         except CHECKPOINT_ERRORS as e:
-            fail(f'--resume {args.resume}: cannot resume from it ({_first_line(e)}); it is truncated or the '
+            fail(f'--resume {args.resume}: cannot resume from it ({first_line(e)}); it is truncated or the '
                  f'checkpoint of another model: pass an intact last.pth.tar of this run')
 
     if args.model_ema:
@@ -1145,7 +1133,7 @@ def main(argv=None):
             optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing_metric),
             updates_per_epoch=updates_per_epoch)
     except (ValueError, AssertionError) as e:
-        fail(f'cannot create scheduler --sched {args.sched} ({_first_line(e)}); check --sched and its options')
+        fail(f'cannot create scheduler --sched {args.sched} ({first_line(e)}); check --sched and its options')
     if lr_scheduler is None:  # no scheduler applies lr_scale: apply the head's once
         for group in optimizer.param_groups:
             if group.get('is_head'):
@@ -1295,9 +1283,8 @@ class DeviceMeans:
     """Running sums of 0-d device tensors, read (one host sync) only when asked.
 
     A loss that turns NaN / inf shows in its mean, as in timm; only the CARROT minima, NaN by definition in a
-    batch where no class has 2 samples, are left out of their means when NaN.
+    batch where no class has 2 samples (NAN_WHEN_UNUSED), are left out of their means when NaN.
     """
-    UNDEFINED_WHEN_NAN = ('min_r', 'min_erank_frac')
 
     def __init__(self):
         self.sums, self.counts = {}, {}
@@ -1305,15 +1292,20 @@ class DeviceMeans:
     def update(self, values, weight=1.0):
         for k, v in values.items():
             v = v.detach().float()
-            ok = ~torch.isnan(v) if k in self.UNDEFINED_WHEN_NAN else torch.ones_like(v, dtype=torch.bool)
-            self.sums[k] = self.sums.get(k, 0.) + torch.where(ok, v, 0.) * weight
-            self.counts[k] = self.counts.get(k, 0.) + ok.float() * weight
+            if k in NAN_WHEN_UNUSED:
+                defined = ~torch.isnan(v)
+                v, count = torch.where(defined, v, 0.), defined.float() * weight
+            else:
+                count = weight   # a Python number: no device work for a value that is always defined
+            self.sums[k] = self.sums.get(k, 0.) + v * weight
+            self.counts[k] = self.counts.get(k, 0.) + count
 
     def means(self, world_size=1):
         if not self.sums:
             return OrderedDict()
         keys = list(self.sums)
-        stacked = torch.stack([torch.stack([self.sums[k], self.counts[k]]) for k in keys])  # (K, 2)
+        stacked = torch.stack([torch.stack([self.sums[k], torch.as_tensor(
+            self.counts[k], dtype=torch.float32, device=self.sums[k].device)]) for k in keys])  # (K, 2)
         if world_size > 1:
             torch.distributed.all_reduce(stacked)
         stacked = stacked.cpu()

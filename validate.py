@@ -48,7 +48,7 @@ from timm.utils import (AverageMeter, ParseKwargs, check_batch_size_retry, decay
 import carrot_zzz  # noqa: F401  registers the `<arch>_zzz` models
 from carrot_zzz.recipe import read_recipe
 from carrot_zzz.registry import is_zzz_name, zzz_name
-from carrot_zzz.task_flags import add_task_flags, single_label_error
+from carrot_zzz.cli import add_dataset_reader_flags, add_task_flags, first_line, single_label_error
 from carrot_zzz.zzz_head import ZZZHead
 from carrot_zzz.data import create_dataset
 from carrot_zzz.metrics import auroc, ece, fpr_at_tpr, per_class_accuracy
@@ -83,15 +83,7 @@ def build_parser():
     p.add_argument('--split', metavar='NAME', default='validation', help='dataset split (default: validation)')
     p.add_argument('--num-samples', default=None, type=int, metavar='N',
                    help='Manually specify num samples in dataset split, for IterableDatasets.')
-    p.add_argument('--dataset-download', action='store_true', default=False,
-                   help='Allow download of dataset for torch/ and tfds/ datasets that support it.')
-    p.add_argument('--class-map', default='', type=str, metavar='FILENAME',
-                   help='path to class to idx mapping file (default: "")')
-    p.add_argument('--input-key', default=None, type=str, help='Dataset key for input images.')
-    p.add_argument('--input-img-mode', default=None, type=str, help='Dataset image conversion mode for input images.')
-    p.add_argument('--target-key', default=None, type=str, help='Dataset key for target labels.')
-    p.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
-                   help='Allow huggingface dataset import to execute code downloaded from the dataset\'s repo.')
+    add_dataset_reader_flags(p)
     p.add_argument('--model', '-m', metavar='NAME', default='dpn92', help='model architecture (default: dpn92)')
     p.add_argument('--pretrained', dest='pretrained', action='store_true', help='use pre-trained model')
     p.add_argument('-j', '--workers', default=4, type=int, metavar='N',
@@ -231,7 +223,7 @@ def load_weights_into(model, state_dict, path):
     try:
         model.load_state_dict(fit_state_dict(state_dict, model, what=path), strict=True)
     except (ValueError, RuntimeError) as e:
-        fail(f'{str(e).splitlines()[0][:600]}; pass the matching --model / --num-classes / --zzz-rank')
+        fail(f'{first_line(e, 600)}; pass the matching --model / --num-classes / --zzz-rank')
 
 
 def class_names_of(dataset, num_classes):
@@ -257,7 +249,7 @@ def make_dataset(args, name, root, split, input_img_mode, class_map=''):
             input_key=args.input_key, input_img_mode=input_img_mode, target_key=args.target_key,
             trust_remote_code=args.dataset_trust_remote_code, seed=args.seed)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError, AssertionError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         fail(f'cannot read split {split!r} of {name or "image folder"} at {root}: {msg}')
 
 
@@ -381,7 +373,7 @@ def validate(args):
         try:
             state_dict = load_state_dict(args.checkpoint, use_ema=args.use_ema)
         except Exception as e:
-            fail(f'cannot read checkpoint {args.checkpoint} ({type(e).__name__}: {str(e).splitlines()[0][:300]}); '
+            fail(f'cannot read checkpoint {args.checkpoint} ({first_line(e)}); '
                  f'it is truncated or not a timm / carrot_zzz checkpoint')
     model_name, num_classes, head_kwargs = resolve_model(args, state_dict)
     in_chans = 3
@@ -400,11 +392,11 @@ def validate(args):
                              **head_kwargs, **args.model_kwargs)
     except (OSError, RuntimeError) as e:
         if args.pretrained and state_dict is None:
-            fail(f'cannot create {model_name} with pretrained weights ({type(e).__name__}: '
-                 f'{str(e).splitlines()[0][:300]}); pass --checkpoint PATH to validate trained weights')
+            fail(f'cannot create {model_name} with pretrained weights ({first_line(e)}); '
+                 f'pass --checkpoint PATH to validate trained weights')
         raise
     except (TypeError, ValueError) as e:   # a --model-kwargs key or value the architecture does not take
-        fail(f'cannot create {model_name} ({type(e).__name__}: {str(e).splitlines()[0][:300]}); '
+        fail(f'cannot create {model_name} ({first_line(e)}); '
              f'check --model-kwargs and the model options')
     if args.num_classes is None:
         args.num_classes = model.num_classes

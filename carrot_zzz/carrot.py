@@ -35,6 +35,7 @@ from .jacobi import symmetric_eigvals
 
 RANK_NORMS = ('dim', 'attainable')
 STAT_NAMES = ('R', 'R_var', 'R_rank', 'classes_used', 'min_r', 'min_erank_frac')
+NAN_WHEN_UNUSED = ('min_r', 'min_erank_frac')   # the stats that are NaN when no class has 2 samples
 
 
 class _SymmetricGram(torch.autograd.Function):
