@@ -13,6 +13,9 @@ Notation: N samples, C classes, logits (N, C), targets (N,) int in [0, C), p = s
                            the positive class, so higher scores must mean "in-distribution"
     fpr_at_tpr             fraction of s_out >= t, t = the largest threshold with #(s_in >= t) >= tpr * n_in
                            (sklearn's roc_curve point at the first TPR >= 0.95)
+
+A split too large for its logits to be kept is measured batch by batch: `sample_scores` per batch (per-sample
+values, no host sync), concatenated, then `split_metrics`; `classification_metrics` is the two in one call.
 """
 import math
 from typing import Dict, Sequence, Tuple
@@ -20,8 +23,8 @@ from typing import Dict, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['topk_accuracy', 'per_class_accuracy', 'mean_class_accuracy', 'nll', 'ece', 'auroc', 'fpr_at_tpr',
-           'classification_metrics', 'ood_metrics']
+__all__ = ['topk_accuracy', 'per_class_accuracy', 'mean_class_accuracy', 'nll', 'calibration_bins', 'ece', 'auroc',
+           'fpr_at_tpr', 'sample_scores', 'split_metrics', 'classification_metrics', 'ood_metrics']
 
 
 def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> Dict[int, float]:
@@ -53,10 +56,12 @@ def nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return F.cross_entropy(logits.double(), targets.long()).item()
 
 
-def ece(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> float:
-    """Expected calibration error with n_bins equal-width bins (b/M, (b+1)/M] of the confidence (N,) in [0, 1].
+def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor,
+                     n_bins: int = 15) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, sum of confidence, sum of correct), each (n_bins,) float64, over n_bins equal-width bins
+    B_b = {i: conf_i in (b/M, (b+1)/M]} of the confidence (N,) in [0, 1]; confidence 0 falls in the first bin.
 
-    correct: (N,) bool / 0-1, whether the top-1 prediction is right. Confidence 0 falls in the first bin.
+    correct: (N,) bool / 0-1. The one binning of ece and carrot_zzz.reliability.reliability_bins.
     """
     conf = confidence.double().flatten()
     corr = correct.double().flatten()
@@ -64,7 +69,16 @@ def ece(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> fl
     count = torch.bincount(bins, minlength=n_bins).double()
     conf_sum = torch.bincount(bins, weights=conf, minlength=n_bins)
     corr_sum = torch.bincount(bins, weights=corr, minlength=n_bins)
-    return ((corr_sum - conf_sum).abs().sum() / conf.numel()).item()       # sum_b |B_b|/N |acc_b - conf_b|
+    return count, conf_sum, corr_sum
+
+
+def ece(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error with n_bins equal-width bins (b/M, (b+1)/M] of the confidence (N,) in [0, 1].
+
+    correct: (N,) bool / 0-1, whether the top-1 prediction is right. Confidence 0 falls in the first bin.
+    """
+    _, conf_sum, corr_sum = calibration_bins(confidence, correct, n_bins)
+    return ((corr_sum - conf_sum).abs().sum() / confidence.numel()).item()  # sum_b |B_b|/N |acc_b - conf_b|
 
 
 def _average_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -98,19 +112,39 @@ def fpr_at_tpr(scores_in: torch.Tensor, scores_out: torch.Tensor, tpr: float = 0
     return (scores_out.double() >= threshold).double().mean().item()
 
 
+def sample_scores(logits: torch.Tensor, targets: torch.Tensor, k: int = 5) -> Dict[str, torch.Tensor]:
+    """What every split metric is computed from, per sample, for one batch (no host sync; concatenate over batches):
+
+        pred (N,) argmax; conf (N,) max softmax probability; nll (N,) -log p_{i, y_i} (NaN for a target outside
+        [0, C)); hit1 / hitk (N,) bool, target among the 1 / min(k, C) largest logits; target (N,).
+    """
+    logits = logits.float()
+    log_p = F.log_softmax(logits, dim=1)                                    # (N, C)
+    log_conf, pred = log_p.max(1)
+    targets = targets.long()
+    valid = (targets >= 0) & (targets < logits.shape[1])
+    picked = log_p.gather(1, targets.clamp(0, logits.shape[1] - 1).view(-1, 1)).squeeze(1)
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices              # (N, k)
+    return dict(target=targets, pred=pred, conf=log_conf.exp(), hit1=pred == targets,
+                hitk=(top == targets.view(-1, 1)).any(1),
+                nll=torch.where(valid, -picked, torch.full_like(picked, math.nan)))
+
+
+def split_metrics(scores: Dict[str, torch.Tensor], num_classes: int, n_bins: int = 15) -> Dict[str, float]:
+    """top1, top5 (top-k of sample_scores), mean_class_acc, nll, ece (fractions; nll in nats) of a whole split from
+    its sample_scores; mean_class_acc over the classes in [0, num_classes) that occur."""
+    target, pred = scores['target'], scores['pred']
+    in_range = (target >= 0) & (target < num_classes)
+    acc, support = per_class_accuracy(pred[in_range], target[in_range], num_classes)
+    return dict(
+        top1=scores['hit1'].double().mean().item(), top5=scores['hitk'].double().mean().item(),
+        mean_class_acc=acc[support > 0].mean().item(), nll=scores['nll'].double().mean().item(),
+        ece=ece(scores['conf'], scores['hit1'], n_bins))
+
+
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> Dict[str, float]:
     """top1, top5, mean_class_acc, nll, ece (fractions; nll in nats) of logits (N, C) against targets (N,)."""
-    logits = logits.float()
-    targets = targets.long()
-    probs = logits.softmax(1)
-    conf, preds = probs.max(1)
-    top = topk_accuracy(logits, targets, (1, 5))
-    return dict(
-        top1=top[1], top5=top[5],
-        mean_class_acc=mean_class_accuracy(preds, targets, logits.shape[1]),
-        nll=nll(logits, targets),
-        ece=ece(conf, preds == targets, n_bins),
-    )
+    return split_metrics(sample_scores(logits, targets), logits.shape[1], n_bins)
 
 
 def ood_metrics(scores_in: torch.Tensor, scores_out: torch.Tensor, tpr: float = 0.95) -> Dict[str, float]:

@@ -16,6 +16,8 @@ from typing import Iterator, List, Optional, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from .engine.errors import SettingError
+
 
 class PKBatchSampler(Sampler[List[int]]):
     """Batches of `batch_size // samples_per_class` classes x `samples_per_class` samples (see module doc).
@@ -44,13 +46,11 @@ class PKBatchSampler(Sampler[List[int]]):
         if labels.ndim != 1 or labels.numel() == 0:
             raise ValueError('PKBatchSampler: labels must be a non-empty 1-d sequence of class indices')
         if samples_per_class < 1 or samples_per_class > batch_size:
-            raise ValueError(
-                f'--samples-per-class {samples_per_class} must be between 1 and the batch size {batch_size}; '
-                f'lower --samples-per-class or raise --batch-size')
+            raise SettingError('samples_per_class', samples_per_class, f'must lie in [1, batch_size={batch_size}]; '
+                                                                       f'lower samples_per_class or raise batch_size')
         if batch_size % samples_per_class:
-            raise ValueError(
-                f'--batch-size {batch_size} is not a multiple of --samples-per-class {samples_per_class}; '
-                f'pick a batch size that is P x K')
+            raise SettingError('batch_size', batch_size, f'is not a multiple of samples_per_class='
+                                                         f'{samples_per_class}; use a batch of P x K')
         if not 0 <= rank < num_replicas:
             raise ValueError(f'PKBatchSampler: rank {rank} outside [0, {num_replicas})')
         self.batch_size = batch_size
@@ -64,9 +64,10 @@ class PKBatchSampler(Sampler[List[int]]):
         self.class_indices = [torch.nonzero(labels == c).flatten() for c in classes.tolist()]
         global_classes = self.classes_per_batch * num_replicas
         if len(self.class_indices) < global_classes:
-            raise ValueError(
-                f'--sampler pk needs {global_classes} distinct classes per global batch (batch_size / K x world '
-                f'size) but the dataset has {len(self.class_indices)}; raise --samples-per-class or lower --batch-size')
+            raise SettingError('sampler', 'pk', f'needs {global_classes} distinct classes per global batch '
+                                                f'(batch_size / K x world size) but the data set has '
+                                                f'{len(self.class_indices)}; raise samples_per_class or lower '
+                                                f'batch_size')
         if num_batches is not None and num_batches < 1:
             raise ValueError(f'PKBatchSampler: num_batches must be >= 1, got {num_batches}')
         self.num_batches = num_batches or max(1, labels.numel() // (num_replicas * batch_size))

@@ -16,7 +16,10 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ['save_weights', 'load_weights', 'fit_state_dict', 'checkpoint_keys', 'is_whole_model_keys']
+from .files import replacing
+
+__all__ = ['save_weights', 'load_weights', 'fit_state_dict', 'checkpoint_keys', 'is_whole_model_keys', 'head_info',
+           'describe_checkpoint']
 
 _logger = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ def is_whole_model_keys(keys: Iterable[str]) -> bool:
             and all(k.startswith(('backbone.', 'head.')) for k in keys))
 
 
-def _head_info(shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, Any]:
+def head_info(shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, Any]:
     """Head type, class count and ZZZ rank read off head.* tensor shapes (empty when there is no head)."""
     if 'head.mu' in shapes:
         return dict(head_type='zzz', num_classes=shapes['head.mu'][0],
@@ -86,6 +89,25 @@ def _head_info(shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, Any]:
         return dict(head_type='linear', num_classes=shapes['head.weight'][0])
     if not any(k.startswith('head.') for k in shapes):
         return dict(num_classes=0)
+    return {}
+
+
+def describe_checkpoint(state_dict: Dict[str, torch.Tensor], model_name: str) -> Dict[str, Any]:
+    """What a checkpoint says about the model it holds: for a saved `_zzz` model (backbone.* / head.* keys) its head
+    type, class count and ZZZ rank (head_info), plus whole=True; for a plain timm model the class count read off the
+    classifier that timm's pretrained config names for `model_name` (empty when unknown)."""
+    shapes = {_clean_key(k): tuple(v.shape) for k, v in state_dict.items()}
+    if is_whole_model_keys(shapes):
+        return {**head_info(shapes), 'whole': True}
+    from timm.models import get_pretrained_cfg
+    try:
+        classifier = get_pretrained_cfg(model_name.split('.')[0]).classifier
+    except Exception:     # no pretrained config for this name: nothing to read
+        return {}
+    for name in ([classifier] if isinstance(classifier, str) else list(classifier or ())):
+        shape = shapes.get(f'{name}.weight', shapes.get(f'{name}.bias'))
+        if shape is not None:
+            return dict(num_classes=shape[0])
     return {}
 
 
@@ -104,7 +126,7 @@ def _describe_mismatch(
         return reasons
     if ckpt_arch and model_arch and ckpt_arch != model_arch:
         reasons.append(f"architecture: the checkpoint is '{ckpt_arch}', the model '{model_arch}'")
-    hc, hm = _head_info(ckpt), _head_info(model)
+    hc, hm = head_info(ckpt), head_info(model)
     if hc.get('num_classes') != hm.get('num_classes'):
         reasons.append(f"class count: the checkpoint has {hc.get('num_classes', '?')} classes, the model "
                        f"{hm.get('num_classes', '?')} (create the model with num_classes={hc.get('num_classes', '?')})")
@@ -155,7 +177,7 @@ def fit_state_dict(
     body_fits = not any(
         not k.startswith('head.') and ckpt_shapes.get(k) != model_shapes.get(k)
         for k in set(ckpt_shapes) | set(model_shapes))
-    ckpt_classes = _head_info(ckpt_shapes).get('num_classes')
+    ckpt_classes = head_info(ckpt_shapes).get('num_classes')
     if new_head_ok and body_fits and ckpt_classes != getattr(model, 'num_classes', None):
         _logger.info(f'{what}: checkpoint head has {ckpt_classes} classes, model {model.num_classes}: new head')
         out = {k: v for k, v in state_dict.items() if not k.startswith('head.')}
@@ -169,7 +191,7 @@ def save_weights(model: nn.Module, path: PathLike, metadata: Optional[Dict[str, 
 
     Metadata records the architecture, head type, class count and rank (strings). Tensors that share
     storage are stored as copies, so every key is present for timm's load_checkpoint. The file is written
-    to a temporary name and renamed, so an interrupted save never leaves a truncated file at `path`.
+    to a temporary name, synced and renamed, so an interrupted save never leaves a truncated file at `path`.
     Returns the path.
     """
     import safetensors.torch
@@ -196,20 +218,27 @@ def save_weights(model: nn.Module, path: PathLike, metadata: Optional[Dict[str, 
             meta[attr] = str(getattr(model, attr))
     meta.update(metadata or {})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, 'rb+') as f:   # on disk before the rename: a power loss leaves the old file or the new one
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with replacing(str(path)) as tmp:   # synced, 0644, renamed: a kill leaves the old file or the new one
+        safetensors.torch.save_file(tensors, tmp, metadata=meta)
     return path
 
 
-def read_weights(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """(state_dict on CPU, metadata) of a .safetensors file (or a timm-readable .pth/.bin, empty metadata).
+def _state_dict_of(checkpoint: Any, use_ema: bool) -> Tuple[Dict[str, torch.Tensor], str]:
+    """(weights, the entry they came from) of a torch checkpoint: its EMA entry when use_ema and present, else
+    'state_dict' / 'model', else the checkpoint itself when it is a plain name -> tensor mapping."""
+    if isinstance(checkpoint, dict):
+        for key in (('state_dict_ema', 'model_ema') if use_ema else ()) + ('state_dict', 'model'):
+            if isinstance(checkpoint.get(key), dict):
+                return checkpoint[key], key
+        if checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
+            return checkpoint, 'weights'
+    raise ValueError('it holds no state_dict / model entry nor a plain mapping of names to tensors')
+
+
+def read_weights(path: PathLike, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """(state_dict on CPU, metadata) of a .safetensors file, or of a torch checkpoint (.pth.tar / .pth / .bin:
+    timm's training checkpoints included, read with weights_only; the EMA weights when use_ema and present); the
+    metadata of a torch checkpoint is {'entry': the dict entry read}. Wrapper prefixes (module., _orig_mod.) go.
 
     Raises FileNotFoundError for a missing file and ValueError for an unreadable (truncated / corrupt) one.
     """
@@ -222,13 +251,14 @@ def read_weights(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str
             with safe_open(str(path), framework='pt', device='cpu') as f:
                 meta = dict(f.metadata() or {})
                 state_dict = {k: f.get_tensor(k) for k in f.keys()}
-            return state_dict, meta
-        from timm.models import load_state_dict
-        return load_state_dict(str(path)), {}
+        else:
+            state_dict, entry = _state_dict_of(load_checkpoint_file(path), use_ema)
+            meta = {'entry': entry}
     except Exception as e:  # safetensors / torch.load errors on a truncated or corrupt file
         raise ValueError(
-            f'{path} is not a readable weight file, it is truncated or corrupt ({type(e).__name__}: {e}); '
-            f'save it again with save_weights') from e
+            f'{path} is not a readable weight file, it is truncated or corrupt ({type(e).__name__}: '
+            f'{str(e).splitlines()[0] if str(e) else ""}); save it again with save_weights') from e
+    return {_clean_key(k): v for k, v in state_dict.items()}, meta
 
 
 def load_weights(model: nn.Module, path: PathLike) -> nn.Module:

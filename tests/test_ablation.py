@@ -110,7 +110,6 @@ def test_flags_the_sweep_sets_are_rejected():
 
 def test_recipe_keys_of_the_variant_are_dropped(tmp_path):
     """A recipe that sets head / zzz_rank / carrot still serves every variant: each gets its own copy without them."""
-    sys.path.insert(0, ROOT)
     import train
     recipe = os.path.join(ROOT, 'hparams', 'cub200_resnet50_448.yaml')
     for variant in ('linear', 'linear+carrot', 'zzz-r4'):

@@ -3,12 +3,11 @@ subset and validate.py -c takes the same recipe. Three epochs instead of thirty 
 top-1); the test asserts the pipeline learns well above chance (10%)."""
 import json
 import os
-import sys
+
+import train
+import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import train  # noqa: E402
-import validate  # noqa: E402
 
 RECIPE = os.path.join(ROOT, 'hparams', 'demo.yaml')
 

@@ -2,18 +2,17 @@
 names a model that train.py can build."""
 import glob
 import os
-import sys
 
 import pytest
 import timm
 import torch
 
+import train
 from carrot_zzz import ZZZHead
+from carrot_zzz.engine.models import model_name_and_head
 from carrot_zzz.registry import is_zzz_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import train  # noqa: E402
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'hparams', '**', '*.yaml'), recursive=True))
 
@@ -22,7 +21,7 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'hparams', '**', '*.yaml'), recurs
 def test_hparams_parse_and_build(path):
     args, text = train.parse_args(['-c', path, '--data-dir', ROOT])  # the data folder is the user's
     assert args.config == path and text
-    name, kwargs = train.resolve_model_name(args)
+    name, kwargs = model_name_and_head(args)
     with torch.device('meta'):   # the architecture and its head, without memory or pretrained weights
         model = timm.create_model(name, num_classes=args.num_classes, **kwargs)
     assert is_zzz_name(name) == bool(args.carrot or args.head)

@@ -1,13 +1,10 @@
 """carrot_zzz.metrics on cases with known answers: perfect and constant classifiers, hand-computed ECE / AUROC / FPR."""
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from carrot_zzz.metrics import (auroc, classification_metrics, ece, fpr_at_tpr, mean_class_accuracy,  # noqa: E402
+from carrot_zzz.metrics import (auroc, classification_metrics, ece, fpr_at_tpr, mean_class_accuracy,
                                 nll, per_class_accuracy, topk_accuracy)
 
 

@@ -61,13 +61,7 @@ ARCHS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny CPU models on a shared machine: one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _data_cfg(model: nn.Module) -> dict:

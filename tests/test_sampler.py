@@ -66,7 +66,7 @@ def test_ddp_ranks_split_one_global_plan():
 
 def test_bad_configurations():
     labels = labels_of(SIZES)
-    with pytest.raises(ValueError, match='raise --batch-size'):
+    with pytest.raises(ValueError, match='raise batch_size'):
         PKBatchSampler(labels, batch_size=4, samples_per_class=8)
     with pytest.raises(ValueError, match='multiple'):
         PKBatchSampler(labels, batch_size=10, samples_per_class=4)

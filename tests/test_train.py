@@ -6,43 +6,30 @@ for 2-3 epochs; the whole file runs in well under a minute on 2 cores.
 import csv
 import logging
 import os
-import sys
 
 import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
-from torch import nn
+
+import train
+from carrot_zzz.engine.checkpoints import CheckpointKeeper
+from carrot_zzz.engine.loop import Trainer
+from carrot_zzz.engine.means import RunningMeans
+from carrot_zzz.engine.models import model_name_and_head
+from carrot_zzz.engine.optim import build_optimizer, clip_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 4
-
-sys.path.insert(0, ROOT)
-import train  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------------------
 # data and runs
 # ------------------------------------------------------------------------------------------------------------
 
-def make_image_folder(root, num_classes=NUM_CLASSES, train_per_class=16, val_per_class=8, size=32, seed=0):
-    """root/{train,validation}/class_<c>/<i>.png: class c is a distinct colour plus noise."""
-    rng = np.random.default_rng(seed)
-    colours = rng.integers(0, 256, size=(num_classes, 3))
-    for split, n in (('train', train_per_class), ('validation', val_per_class)):
-        for c in range(num_classes):
-            d = os.path.join(root, split, f'class_{c}')
-            os.makedirs(d, exist_ok=True)
-            for i in range(n):
-                img = np.clip(colours[c] + rng.normal(0, 40, size=(size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(os.path.join(d, f'{i}.png'))
-    return str(root)
-
-
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp('data'))
+def data_dir(tmp_path_factory, image_folder):
+    return image_folder(tmp_path_factory.mktemp('data'), num_classes=NUM_CLASSES)
 
 
 BASE = [
@@ -141,10 +128,10 @@ def test_zzz_carrot_variants(data_dir, tmp_path, extra):
 
 def test_device_means_keep_a_nan_loss():
     """A diverged loss shows as NaN in the logged mean (as in timm); the CARROT minima skip their NaN batches."""
-    means = train.DeviceMeans()
+    means = RunningMeans(skip_nan=('min_r',))
     nan, one = torch.tensor(float('nan')), torch.tensor(1.0)
-    means.update({'loss': one, 'min_r': one})
-    means.update({'loss': nan, 'min_r': nan})
+    means.add({'loss': one, 'min_r': one})
+    means.add({'loss': nan, 'min_r': nan})
     out = means.means()
     assert np.isnan(out['loss']) and out['min_r'] == 1.0
 
@@ -167,17 +154,17 @@ def test_resume_matches_uninterrupted(data_dir, tmp_path, monkeypatch):
     extra = ('--head', 'zzz', '--zzz-rank', '2', '--carrot', '--model-ema', '--model-ema-decay', '0.9')
     full = run(data_dir, tmp_path / 'a', 'full', *extra, epochs=2)
     # interrupted after its first epoch (timm's loop ends cleanly on KeyboardInterrupt) ...
-    real = train.train_one_epoch
+    real = Trainer.train_epoch
 
-    def stop_at_epoch_1(epoch, *a, **kw):
+    def stop_at_epoch_1(self, epoch):
         if epoch == 1:
             raise KeyboardInterrupt
-        return real(epoch, *a, **kw)
+        return real(self, epoch)
 
-    monkeypatch.setattr(train, 'train_one_epoch', stop_at_epoch_1)
+    monkeypatch.setattr(Trainer, 'train_epoch', stop_at_epoch_1)
     part = run(data_dir, tmp_path / 'b', 'part', *extra, epochs=2)
     assert len(read_summary(part)) == 1
-    monkeypatch.setattr(train, 'train_one_epoch', real)
+    monkeypatch.setattr(Trainer, 'train_epoch', real)
     # ... then resumed from last.pth.tar into the same folder
     run(data_dir, tmp_path / 'b', 'part', *extra, '--resume', os.path.join(part, 'last.pth.tar'), epochs=2)
     a, b = read_summary(full), read_summary(part)
@@ -202,7 +189,7 @@ def test_stop_epoch_milestones_and_resume_auto(data_dir, tmp_path):
     for a, b in zip(full, part):
         for col in ('train_loss', 'train_R', 'eval_loss', 'lr'):
             assert float(a[col]) == pytest.approx(float(b[col]), rel=1e-5, abs=1e-7), (a['epoch'], col)
-    with pytest.raises(SystemExit, match='--resume auto continues the experiment folder in place; pass --experiment'):
+    with pytest.raises(SystemExit, match='--resume auto: continues the experiment folder in place; pass --experiment'):
         train.main([data_dir, *BASE, '--resume', 'auto'])
 
 
@@ -216,7 +203,7 @@ def test_timm_1_0_31_losses_schedules_and_tasks(data_dir, tmp_path):
     for flags, message in ((('--loss', 'twoway'), '--loss twoway: .*requires multi-label'),
                            (('--task', 'multilabel'), '--task multilabel: multi-label training and validation are not supported'),
                            (('--target-format', 'multihot'), '--target-format multihot: multi-label'),
-                           (('--loss', 'ce', '--bce-loss'), '--loss ce contradicts --bce-loss')):
+                           (('--loss', 'ce', '--bce-loss'), '--loss ce: contradicts --bce-loss')):
         with pytest.raises(SystemExit, match=message):
             run(data_dir, tmp_path, 'x', *flags)
 
@@ -225,19 +212,17 @@ def test_checkpoint_write_is_atomic(data_dir, tmp_path, monkeypatch):
     out = run(data_dir, tmp_path, 'atomic', epochs=1)
     last = os.path.join(out, 'last.pth.tar')
     before = open(last, 'rb').read()
-    saver = train.AtomicCheckpointSaver(
-        model=nn.Linear(2, 2), optimizer=torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1),
-        checkpoint_dir=out, recovery_dir=out, task=None)
+    keeper = CheckpointKeeper(out)
 
     def killed(obj, f, *a, **kw):
         f.write(b'half a checkpoint')
         raise KeyboardInterrupt('killed during save')
 
     monkeypatch.setattr(torch, 'save', killed)
-    saver.task = type('T', (), {'get_checkpoint_state': lambda self, **kw: {}})()
     with pytest.raises(KeyboardInterrupt):
-        saver.save_checkpoint(5, metric=1.0)
+        keeper.save({'state_dict': {}}, 5, metric=1.0)
     assert open(last, 'rb').read() == before
+    assert not [f for f in os.listdir(out) if f.endswith('.partial')]
     torch.load(last, weights_only=True)
 
 
@@ -245,8 +230,7 @@ def test_head_lr_param_groups():
     model = timm.create_model('test_vit_zzz', num_classes=NUM_CLASSES, zzz_rank=2, head_type='zzz')
     args, _ = train.parse_args(['--data-dir', ROOT, '--opt', 'adamw', '--lr', '1e-5', '--head-lr', '5e-4',
                                 '--layer-decay', '0.75', '--weight-decay', '0.05'])
-    groups = train.head_param_groups(model, args, args.head_lr / args.lr)
-    opt = timm.optim.create_optimizer_v2(model, opt='adamw', lr=args.lr, param_group_fn=lambda m: groups)
+    opt = build_optimizer(model, args)
     timm.scheduler.create_scheduler_v2(opt, sched='cosine', num_epochs=10, warmup_epochs=0)
     head_ids = {id(p) for p in model.get_classifier().parameters()}
     for g in opt.param_groups:
@@ -262,7 +246,7 @@ def test_head_weight_decay():
     model = timm.create_model('test_vit_zzz', num_classes=NUM_CLASSES, zzz_rank=2, head_type='zzz')
     args, _ = train.parse_args(['--data-dir', ROOT, '--lr', '1e-5', '--weight-decay', '0.05',
                                 '--head-weight-decay', '0.01'])
-    groups = train.head_param_groups(model, args, 1.0)
+    groups = build_optimizer(model, args).param_groups
     head_ids = {id(p) for p in model.get_classifier().parameters()}
     decay = {id(p): g['weight_decay'] for g in groups for p in g['params']}
     assert set(decay) == {id(p) for p in model.parameters()}
@@ -275,31 +259,50 @@ def test_head_weight_decay():
 # command line and bad input
 # ------------------------------------------------------------------------------------------------------------
 
-TIMM_FLAGS = """--config data --data-dir --dataset --train-split --val-split --train-num-samples --val-num-samples
---dataset-download --class-map --input-img-mode --input-key --target-key --dataset-trust-remote-code --model
---pretrained --pretrained-path --initial-checkpoint --resume --no-resume-opt --num-classes --gp --img-size
---in-chans --input-size --crop-pct --mean --std --interpolation --batch-size --validation-batch-size
---channels-last --fuser --grad-accum-steps --grad-checkpointing --fast-norm --model-kwargs --head-init-scale
---head-init-bias --torchcompile-mode --torchscript --torchcompile --device --amp --amp-dtype --model-dtype
---no-ddp-bb --synchronize-step --device-modules --opt --opt-eps --opt-betas --momentum --weight-decay --clip-grad
---clip-mode --layer-decay --layer-decay-min-scale --layer-decay-no-opt-scale --opt-kwargs --sched
---sched-on-updates --lr --lr-base --lr-base-size --lr-base-scale --lr-noise --lr-noise-pct --lr-noise-std
---lr-cycle-mul --lr-cycle-decay --lr-cycle-limit --lr-k-decay --warmup-lr --min-lr --epochs --epoch-repeats
---start-epoch --decay-milestones --decay-epochs --warmup-epochs --warmup-prefix --cooldown-epochs
---patience-epochs --decay-rate --no-aug --train-crop-mode --scale --ratio --hflip --vflip --color-jitter
---color-jitter-prob --grayscale-prob --gaussian-blur-prob --aa --aug-repeats --aug-splits --jsd-loss --bce-loss
---bce-sum --bce-target-thresh --bce-pos-weight --reprob --remode --recount --resplit --mixup --cutmix
---cutmix-minmax --mixup-prob --mixup-switch-prob --mixup-mode --mixup-off-epoch --smoothing
---train-interpolation --drop --drop-connect --drop-path --drop-block --bn-momentum --bn-eps --sync-bn --dist-bn
---split-bn --model-ema --model-ema-force-cpu --model-ema-decay --model-ema-warmup --seed --worker-seeding
---log-interval --val-interval --recovery-interval --checkpoint-hist --workers --save-images --pin-mem
---no-prefetcher --output --experiment --eval-metric --tta --use-multi-epochs-loader --log-wandb --wandb-project
---wandb-tags --wandb-resume-id --train-img-sizes --train-batch-sizes --train-size-probs --train-size-schedule
---train-size-schedule-spread --train-size-random-mix --train-batches-per-epoch --variable-batch-loss-scale
---naflex-loader --naflex-train-seq-lens --naflex-max-seq-len --naflex-patch-sizes --naflex-patch-size-probs
---naflex-loss-scale --naflex-patchify-channels-first --kd-model-name --kd-distill-type --kd-loss-type
---distill-loss-weight --task-loss-weight --kd-temperature --kd-student-feature-dim --kd-teacher-feature-dim
---kd-token-distill-type""".split()
+# every flag of timm's reference train.py (timm 1.0.29 main, listed in the owners' CLI reference) and its default
+# there; --decay-epochs defaults to None as in timm 1.0.31 (90 for step, 0.2 of the schedule for wsd / rsqrt)
+TIMM_TRAIN_DEFAULTS = {
+    'data': None, '--data-dir': None, '--dataset': '', '--train-split': 'train', '--val-split': 'validation',
+    '--train-num-samples': None, '--val-num-samples': None, '--dataset-download': False, '--class-map': '',
+    '--input-img-mode': None, '--input-key': None, '--target-key': None, '--dataset-trust-remote-code': False,
+    '--model': 'resnet50', '--pretrained': False, '--pretrained-path': None, '--initial-checkpoint': '',
+    '--resume': '', '--no-resume-opt': False, '--num-classes': None, '--gp': None, '--img-size': None,
+    '--in-chans': None, '--input-size': None, '--crop-pct': None, '--mean': None, '--std': None,
+    '--interpolation': '', '--batch-size': 128, '--validation-batch-size': None, '--channels-last': False,
+    '--fuser': '', '--grad-accum-steps': 1, '--grad-checkpointing': False, '--fast-norm': False, '--model-kwargs': {},
+    '--head-init-scale': None, '--head-init-bias': None, '--torchcompile-mode': None, '--torchscript': False,
+    '--torchcompile': None, '--device': 'cuda', '--amp': False, '--amp-dtype': 'float16', '--model-dtype': None,
+    '--no-ddp-bb': False, '--synchronize-step': False, '--local_rank': 0, '--device-modules': None, '--opt': 'sgd',
+    '--opt-eps': None, '--opt-betas': None, '--momentum': 0.9, '--weight-decay': 2e-05, '--clip-grad': None,
+    '--clip-mode': 'norm', '--layer-decay': None, '--layer-decay-min-scale': 0, '--layer-decay-no-opt-scale': None,
+    '--opt-kwargs': {}, '--sched': 'cosine', '--sched-on-updates': False, '--lr': None, '--lr-base': 0.1,
+    '--lr-base-size': 256, '--lr-base-scale': '', '--lr-noise': None, '--lr-noise-pct': 0.67, '--lr-noise-std': 1.0,
+    '--lr-cycle-mul': 1.0, '--lr-cycle-decay': 0.5, '--lr-cycle-limit': 1, '--lr-k-decay': 1.0, '--warmup-lr': 1e-05,
+    '--min-lr': 0, '--epochs': 300, '--epoch-repeats': 0.0, '--start-epoch': None,
+    '--decay-milestones': [90, 180, 270], '--decay-epochs': None, '--warmup-epochs': 5, '--warmup-prefix': False,
+    '--cooldown-epochs': 0, '--patience-epochs': 10, '--dr': 0.1, '--no-aug': False, '--train-crop-mode': None,
+    '--scale': [0.08, 1.0], '--ratio': [0.75, 1.3333333333333333], '--hflip': 0.5, '--vflip': 0.0,
+    '--color-jitter': 0.4, '--color-jitter-prob': None, '--grayscale-prob': None, '--gaussian-blur-prob': None,
+    '--aa': None, '--aug-repeats': 0, '--aug-splits': 0, '--jsd-loss': False, '--bce-loss': False, '--bce-sum': False,
+    '--bce-target-thresh': None, '--bce-pos-weight': None, '--reprob': 0.0, '--remode': 'pixel', '--recount': 1,
+    '--resplit': False, '--mixup': 0.0, '--cutmix': 0.0, '--cutmix-minmax': None, '--mixup-prob': 1.0,
+    '--mixup-switch-prob': 0.5, '--mixup-mode': 'batch', '--mixup-off-epoch': 0, '--smoothing': 0.1,
+    '--train-interpolation': 'random', '--drop': 0.0, '--drop-connect': None, '--drop-path': None,
+    '--drop-block': None, '--bn-momentum': None, '--bn-eps': None, '--sync-bn': False, '--dist-bn': 'reduce',
+    '--split-bn': False, '--model-ema': False, '--model-ema-force-cpu': False, '--model-ema-decay': 0.9998,
+    '--model-ema-warmup': False, '--seed': 42, '--worker-seeding': 'all', '--log-interval': 50, '--val-interval': 1,
+    '--recovery-interval': 0, '--checkpoint-hist': 10, '--workers': 4, '--save-images': False, '--pin-mem': False,
+    '--no-prefetcher': False, '--output': '', '--experiment': '', '--eval-metric': 'top1', '--tta': 0,
+    '--use-multi-epochs-loader': False, '--log-wandb': False, '--wandb-project': None, '--wandb-tags': [],
+    '--wandb-resume-id': '', '--train-img-sizes': None, '--train-batch-sizes': None, '--train-size-probs': None,
+    '--train-size-schedule': 'constant', '--train-size-schedule-spread': 0.65, '--train-size-random-mix': 0.1,
+    '--train-steps-per-epoch': None, '--variable-batch-loss-scale': 'none', '--naflex-loader': False,
+    '--naflex-train-seq-lens': [128, 256, 576, 784, 1024], '--naflex-max-seq-len': 576, '--naflex-patch-sizes': None,
+    '--naflex-patch-size-probs': None, '--naflex-loss-scale': 'linear', '--naflex-patchify-channels-first': False,
+    '--kd-model-name': None, '--kd-distill-type': 'logit', '--kd-loss-type': 'kl', '--distill-loss-weight': None,
+    '--task-loss-weight': None, '--kd-temperature': 4.0, '--kd-student-feature-dim': None,
+    '--kd-teacher-feature-dim': None, '--kd-token-distill-type': 'soft',
+}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -313,12 +316,39 @@ def test_cuda_amp_pk_carrot(data_dir, tmp_path):
     assert all(np.isfinite(float(r['train_R'])) for r in rows) and float(rows[0]['train_used_frac']) == 1.0
 
 
-def test_parser_speaks_timms_cli(tmp_path):
-    assert len(TIMM_FLAGS) == 172
-    _, parser = train.build_parsers()
-    options = {s for a in parser._actions for s in a.option_strings} | {'data'}
-    assert not [f for f in TIMM_FLAGS if f not in options]
-    # timm's defaults, YAML overrides, command line over YAML
+def _sample_argv(flag, action):
+    """A command line that sets `flag` to a value other than its default, and that value as argparse stores it."""
+    if action.nargs == 0:
+        return [flag], action.const
+    if action.option_strings == []:                     # the positional data folder
+        return ['some/folder'], 'some/folder'
+    if action.choices:
+        value = [c for c in action.choices if c != action.default][0]
+        return [flag, str(value)], value
+    kind = action.type or str
+    one = {int: 3, float: 0.25, str: 'x'}.get(kind, 'x')
+    if action.nargs in ('+', '*') and not isinstance(action.default, dict):
+        return [flag, str(one), str(one)], [one, one]
+    if isinstance(action.nargs, int):
+        return [flag, *[str(one)] * action.nargs], [one] * action.nargs
+    if isinstance(action.default, dict):                 # key=value pairs (timm's ParseKwargs)
+        return [flag, 'a=1'], {'a': 1}
+    return [flag, str(one)], one
+
+
+def test_every_timm_flag_parses_with_timms_default(tmp_path):
+    """Each flag of timm's train.py exists here with timm's default, and a value given on the command line lands
+    where timm's own script would put it."""
+    parser = train.build_parser()
+    actions = {s: a for a in parser._actions for s in (a.option_strings or [a.dest])}
+    missing = [f for f in TIMM_TRAIN_DEFAULTS if f not in actions]
+    assert not missing
+    for flag, default in TIMM_TRAIN_DEFAULTS.items():
+        action = actions[flag]
+        assert parser.get_default(action.dest) == default, flag
+        argv, stored = _sample_argv(flag, action)
+        assert getattr(parser.parse_args(argv), action.dest) == stored, flag
+    # YAML recipes set the defaults, the command line overrides them
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('batch_size: 32\nsmoothing: 0.0\nmodel: test_resnet\n')
     args, text = train.parse_args(['-c', str(cfg), '--data-dir', ROOT, '--batch-size', '8'])
@@ -350,26 +380,26 @@ def test_unknown_yaml_key_is_rejected(tmp_path):
     assert train.parse_args(['-c', str(cfg), '--data-dir', ROOT])[0].batch_size == 32
 
 
-def test_bad_input_stops_before_training(data_dir, tmp_path):
+def test_bad_input_stops_before_training(data_dir, tmp_path, image_folder):
     with pytest.raises(SystemExit, match='does not exist'):
         run(str(tmp_path / 'missing'), tmp_path, 'x')
     empty = tmp_path / 'empty'
     (empty / 'train').mkdir(parents=True)
     with pytest.raises(SystemExit, match='check --data-dir'):
         run(str(empty), tmp_path, 'x')
-    five = make_image_folder(tmp_path / 'five', num_classes=5, train_per_class=2, val_per_class=1)
+    five = image_folder(tmp_path / 'five', num_classes=5, train_per_class=2, val_per_class=1)
     with pytest.raises(SystemExit, match='pass --num-classes 5'):
         run(five, tmp_path, 'x')
     with pytest.raises(SystemExit, match='rank'):
         run(data_dir, tmp_path, 'x', '--head', 'zzz', '--zzz-rank', '100000')
     with pytest.raises(SystemExit, match='distinct classes'):
         run(data_dir, tmp_path, 'x', '--sampler', 'pk', '--samples-per-class', '2', '--carrot')
-    with pytest.raises(SystemExit, match='--torchscript is not supported for carrot_zzz models'):
+    with pytest.raises(SystemExit, match='--torchscript: is not supported for carrot_zzz models'):
         run(data_dir, tmp_path, 'x', '--model', 'test_vit_zzz.r160_in1k', '--torchscript')
-    for flags, message in ((('--opt', 'adamz'), 'cannot create optimizer --opt adamz .*not found'),
-                           (('--sched', 'cosinus'), "cannot create scheduler --sched cosinus .*Unknown scheduler"),
-                           (('--eval-metric', 'top3'), '--eval-metric top3: .*pass one of them'),
-                           (('--clip-mode', 'l2', '--clip-grad', '1'), '--clip-mode l2: pass norm, value or agc')):
+    for flags, message in ((('--opt', 'adamz'), '--opt adamz: cannot create this optimizer .*not found'),
+                           (('--sched', 'cosinus'), "--sched cosinus: cannot create this schedule .*Unknown scheduler"),
+                           (('--eval-metric', 'top3'), '--eval-metric top3: .*pass one'),
+                           (('--clip-mode', 'l2', '--clip-grad', '1'), '--clip-mode l2: pass one of norm, value, agc')):
         with pytest.raises(SystemExit, match=message):
             run(data_dir, tmp_path, 'x', *flags)
     assert not os.path.exists(os.path.join(tmp_path, 'x'))
@@ -425,7 +455,7 @@ def test_missing_or_corrupt_checkpoints_stop_with_one_line(data_dir, tmp_path):
 ])
 def test_model_name_keeps_pretrained_tag(model, flags, expected):
     args, _ = train.parse_args(['--data-dir', ROOT, '--model', model, *flags])
-    name, kwargs = train.resolve_model_name(args)
+    name, kwargs = model_name_and_head(args)
     assert (name, kwargs.get('head_type')) == expected
 
 
@@ -442,14 +472,14 @@ def test_agc_leaves_out_the_whole_zzz_head():
     from timm.task import ClassificationTask
     zzz = timm.create_model('test_vit_zzz', num_classes=NUM_CLASSES, zzz_rank=2, head_type='zzz')
     task = ClassificationTask(zzz, torch.nn.CrossEntropyLoss())
-    clipped = {id(p) for p in train.clip_parameters_of(task, 'agc')}
+    clipped = {id(p) for p in clip_parameters(task, 'agc')}
     head = {id(p) for p in zzz.get_classifier().parameters()}
     assert len(head) == 5 and not clipped & head
     assert clipped | head == {id(p) for p in zzz.parameters()}
-    assert len(list(train.clip_parameters_of(task, 'norm'))) == len(list(zzz.parameters()))
+    assert len(list(clip_parameters(task, 'norm'))) == len(list(zzz.parameters()))
     plain = timm.create_model('test_vit', num_classes=NUM_CLASSES)
     plain_task = ClassificationTask(plain, torch.nn.CrossEntropyLoss())
-    assert [id(p) for p in train.clip_parameters_of(plain_task, 'agc')] == \
+    assert [id(p) for p in clip_parameters(plain_task, 'agc')] == \
         [id(p) for p in plain_task.get_clip_parameters(exclude_head=True)]
 
 

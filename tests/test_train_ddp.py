@@ -80,10 +80,9 @@ def test_carrot_scope_under_ddp(tmp_path, scope):
         assert res[0]['R'] != pytest.approx(single_process()[0], rel=1e-3)
 
 
-def test_torchrun_two_processes(tmp_path):
-    sys.path.insert(0, HERE)
-    from test_train import BASE, make_image_folder
-    data = make_image_folder(tmp_path / 'data')
+def test_torchrun_two_processes(tmp_path, image_folder):
+    from test_train import BASE
+    data = image_folder(tmp_path / 'data')
     wrapper = tmp_path / 'run_train.py'
     wrapper.write_text(textwrap.dedent(f'''
         import sys

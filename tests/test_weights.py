@@ -15,13 +15,7 @@ from carrot_zzz.weights import checkpoint_keys, read_weights
 X = torch.randn(2, 3, 64, 64)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny CPU models on a shared machine: one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _trained(name='resnet10t_zzz', size=64, **kwargs) -> nn.Module:

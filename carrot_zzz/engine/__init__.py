@@ -1,0 +1,16 @@
+"""The training engine behind train.py, one phase per module:
+
+    settings     check_training_settings: what can be refused before anything is built
+    process      start_process (devices, torchrun, precision, seeds), place_model, loss_scaler, experiment_name
+    models       create_training_model: `--model X` (+ head / CARROT settings -> `X_zzz`), initial checkpoint
+    data         build_training_data: data sets, loaders, mixup / cutmix, P x K batches
+    task         training_loss, build_task (CARROT or timm's classification task), compile_and_distribute
+    optim        resolve_learning_rate, build_optimizer (head lr / weight decay groups), build_scheduler
+    experiment   open_experiment (folder, lock, args.yaml), SummaryLog (summary.csv)
+    checkpoints  CheckpointKeeper: last / checkpoint-N / model_best / milestones / recovery, kill-consistent
+    loop         Trainer.train_epoch: one epoch of steps, logging, divergence check
+    fit          resume_path, load_resume, attach_ema, continue_run, fit (the epochs), export_best_weights
+
+Every function takes the run's configuration `cfg` (train.py's parsed flags) and raises SettingError, named by the
+setting, for what the user can fix. carrot_zzz.evaluate is the evaluation loop shared with validate.py.
+"""

@@ -1,0 +1,178 @@
+"""The data of a training run: data sets, the training and evaluation loaders, mixup / cutmix, P x K batches.
+
+    data = build_training_data(cfg, model, precision)
+    data.train_loader, data.eval_loader, data.mixup_fn, data.soft_targets, data.data_config
+
+Built on timm.data (create_dataset through carrot_zzz.data, resolve_data_config, create_loader, Mixup /
+FastCollateMixup, AugMixDataset); with sampler='pk' the training loader draws its batches from
+carrot_zzz.sampler.PKBatchSampler and keeps everything else of timm's loader (workers, collate, prefetcher).
+"""
+import argparse
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.data.loader import PrefetchLoader
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from ..data import create_dataset
+from ..sampler import PKBatchSampler, dataset_targets
+from .errors import SettingError
+from .precision import Precision
+
+__all__ = ['TrainingData', 'build_training_data', 'open_split', 'check_label_range', 'set_loader_epoch',
+           'inner_loader']
+
+_logger = logging.getLogger(__name__)
+
+# create_loader argument <- training setting: the augmentation and sampling of the training loader
+TRAIN_LOADER_SETTINGS = {
+    'no_aug': 'no_aug', 're_prob': 'reprob', 're_mode': 'remode', 're_count': 'recount', 're_split': 'resplit',
+    'train_crop_mode': 'train_crop_mode', 'scale': 'scale', 'ratio': 'ratio', 'hflip': 'hflip', 'vflip': 'vflip',
+    'color_jitter': 'color_jitter', 'color_jitter_prob': 'color_jitter_prob', 'grayscale_prob': 'grayscale_prob',
+    'gaussian_blur_prob': 'gaussian_blur_prob', 'auto_augment': 'aa', 'num_aug_repeats': 'aug_repeats',
+    'worker_seeding': 'worker_seeding', 'use_multi_epochs_loader': 'use_multi_epochs_loader',
+}
+# Mixup / FastCollateMixup argument <- setting
+MIXUP_SETTINGS = {
+    'mixup_alpha': 'mixup', 'cutmix_alpha': 'cutmix', 'cutmix_minmax': 'cutmix_minmax', 'prob': 'mixup_prob',
+    'switch_prob': 'mixup_switch_prob', 'mode': 'mixup_mode', 'label_smoothing': 'smoothing',
+    'num_classes': 'num_classes',
+}
+
+
+@dataclass
+class TrainingData:
+    """What the training loop reads. mixup_fn is set only without the prefetcher (which mixes in its collate)."""
+    train_loader: Any
+    eval_loader: Optional[Any]
+    data_config: Dict[str, Any]
+    mixup_fn: Optional[Mixup]
+    soft_targets: bool                 # mixup / cutmix hand the loss (B, C) targets
+    aug_splits: int
+    train_targets: Optional[List[int]]
+    eval_dataset: Optional[Any]
+
+
+def open_split(cfg: argparse.Namespace, split: str, training: bool, input_img_mode: str, **extra) -> Any:
+    """One split of the run's data set; SettingError naming the split setting when it cannot be read or is empty."""
+    setting = 'train_split' if training else 'val_split'
+    try:
+        dataset = create_dataset(
+            cfg.dataset, root=cfg.data_dir, split=split, is_training=training, class_map=cfg.class_map,
+            download=cfg.dataset_download, batch_size=cfg.batch_size, input_img_mode=input_img_mode,
+            input_key=cfg.input_key, target_key=cfg.target_key, trust_remote_code=cfg.dataset_trust_remote_code,
+            **extra)
+    except (RuntimeError, FileNotFoundError, ValueError, AssertionError) as e:
+        raise SettingError(setting, split, f'cannot read this split of {cfg.dataset or "the image folder"} at '
+                                           f'{cfg.data_dir} ({type(e).__name__}: {str(e).splitlines()[0][:300]}); '
+                                           f'check data_dir, dataset and {setting}') from e
+    if not isinstance(dataset, IterableDataset) and len(dataset) == 0:
+        raise SettingError(setting, split, f'holds no samples at {cfg.data_dir}; check data_dir and {setting}')
+    return dataset
+
+
+def check_label_range(targets: Optional[List[int]], num_classes: int, what: str) -> None:
+    """SettingError unless every label lies in [0, num_classes)."""
+    if not targets:
+        return
+    low, high = min(targets), max(targets)
+    if low < 0 or high >= num_classes:
+        raise SettingError('num_classes', num_classes, f'the {what} labels span [{low}, {high}]; pass '
+                                                       f'num_classes={high + 1} (labels must lie in [0, num_classes))')
+
+
+def inner_loader(loader: Any) -> DataLoader:
+    """The torch DataLoader under timm's PrefetchLoader (or the loader itself)."""
+    return loader.loader if isinstance(loader, PrefetchLoader) else loader
+
+
+def set_loader_epoch(loader: Any, epoch: int) -> None:
+    """Tell the loader's data set, batch sampler and sampler which epoch they serve (their shuffles depend on it)."""
+    base = inner_loader(loader)
+    for owner in {id(o): o for o in (base.dataset, base.batch_sampler, base.sampler)}.values():
+        if hasattr(owner, 'set_epoch'):
+            owner.set_epoch(epoch)
+
+
+def _with_pk_batches(loader: Any, cfg: argparse.Namespace, targets: Optional[List[int]]) -> Any:
+    """The training loader with its batches drawn by PKBatchSampler; workers, collate and prefetcher kept."""
+    base = inner_loader(loader)
+    if targets is None:
+        raise SettingError('sampler', 'pk', f'needs the labels of the training set, which '
+                                            f'{type(base.dataset).__name__} does not expose; use sampler=random')
+    sampler = PKBatchSampler(targets, cfg.batch_size, cfg.samples_per_class, num_replicas=cfg.world_size,
+                             rank=cfg.rank, seed=cfg.seed)
+    pk = DataLoader(base.dataset, batch_sampler=sampler, num_workers=base.num_workers, collate_fn=base.collate_fn,
+                    pin_memory=base.pin_memory, worker_init_fn=base.worker_init_fn,
+                    persistent_workers=base.persistent_workers)
+    _logger.info(f'P x K batches: {sampler.classes_per_batch} classes x {cfg.samples_per_class} samples per batch '
+                 f'and rank, {len(sampler)} batches per epoch.')
+    if isinstance(loader, PrefetchLoader):
+        loader.loader = pk
+        return loader
+    return pk
+
+
+def _loader_basics(cfg: argparse.Namespace, data_config: Dict[str, Any], precision: Precision) -> Dict[str, Any]:
+    """create_loader arguments both loaders share."""
+    return dict(input_size=data_config['input_size'], mean=data_config['mean'], std=data_config['std'],
+                pin_memory=cfg.pin_mem, img_dtype=precision.input_dtype, device=precision.device,
+                distributed=cfg.distributed, use_prefetcher=cfg.prefetcher)
+
+
+def _train_loader(cfg, dataset, data_config, precision, collate_fn, aug_splits) -> Any:
+    interpolation = data_config['interpolation'] if cfg.no_aug or not cfg.train_interpolation \
+        else cfg.train_interpolation
+    augmentation = {arg: getattr(cfg, setting) for arg, setting in TRAIN_LOADER_SETTINGS.items()}
+    loader = create_loader(dataset, batch_size=cfg.batch_size, is_training=True, num_aug_splits=aug_splits,
+                           interpolation=interpolation, num_workers=cfg.workers, collate_fn=collate_fn,
+                           **augmentation, **_loader_basics(cfg, data_config, precision))
+    if cfg.sampler == 'pk':
+        loader = _with_pk_batches(loader, cfg, dataset_targets(dataset))
+    return loader
+
+
+def _eval_loader(cfg, dataset, data_config, precision) -> Any:
+    workers = cfg.workers
+    if cfg.distributed and any(kind in cfg.dataset for kind in ('tfds', 'wds')):
+        workers = min(2, workers)          # streaming readers split their shards over fewer workers
+    return create_loader(dataset, batch_size=cfg.validation_batch_size or cfg.batch_size, is_training=False,
+                         interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
+                         num_workers=workers, **_loader_basics(cfg, data_config, precision))
+
+
+def _mixup(cfg: argparse.Namespace, aug_splits: int):
+    """(collate_fn for the prefetcher, mixup_fn for the plain loader, soft targets?); both None without mixing."""
+    if not (cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None):
+        return None, None, False
+    kwargs = {arg: getattr(cfg, setting) for arg, setting in MIXUP_SETTINGS.items()}
+    if not cfg.prefetcher:
+        return None, Mixup(**kwargs), True
+    if aug_splits:
+        raise SettingError('aug_splits', aug_splits, 'with mixup or cutmix needs no_prefetcher')
+    return FastCollateMixup(**kwargs), None, True
+
+
+def build_training_data(cfg: argparse.Namespace, model: nn.Module, precision: Precision) -> TrainingData:
+    """Data sets and loaders of a training run (see module doc); SettingError for unreadable data or labels."""
+    data_config = resolve_data_config(vars(cfg), model=model, verbose=cfg.rank == 0)
+    img_mode = cfg.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
+    train_set = open_split(cfg, cfg.train_split, True, img_mode, seed=cfg.seed, repeats=cfg.epoch_repeats,
+                           num_samples=cfg.train_num_samples)
+    eval_set = open_split(cfg, cfg.val_split, False, img_mode, num_samples=cfg.val_num_samples) \
+        if cfg.val_split else None
+    train_targets = dataset_targets(train_set)
+    check_label_range(train_targets, cfg.num_classes, 'training')
+    if eval_set is not None:
+        check_label_range(dataset_targets(eval_set), cfg.num_classes, 'evaluation')
+    collate_fn, mixup_fn, soft_targets = _mixup(cfg, cfg.aug_splits)
+    if cfg.aug_splits > 1:
+        train_set = AugMixDataset(train_set, num_splits=cfg.aug_splits)
+    return TrainingData(
+        train_loader=_train_loader(cfg, train_set, data_config, precision, collate_fn, cfg.aug_splits),
+        eval_loader=_eval_loader(cfg, eval_set, data_config, precision) if eval_set is not None else None,
+        data_config=data_config, mixup_fn=mixup_fn, soft_targets=soft_targets, aug_splits=cfg.aug_splits,
+        train_targets=train_targets, eval_dataset=eval_set)

@@ -1,0 +1,25 @@
+"""The error a run's settings raise when they cannot work together, named by setting so each caller can name it its way.
+
+    raise SettingError('samples_per_class', 32, 'must be at most batch_size=16; lower it or raise batch_size')
+
+Python callers read `samples_per_class=32: must be at most batch_size=16; ...`; train.py and validate.py print
+`--samples-per-class 32: must be at most --batch-size 16; ...` (carrot_zzz.cli.flag_text does the translation).
+Messages name other settings by their argument names, as `name=value` or, for names with an underscore, alone.
+"""
+from typing import Any
+
+__all__ = ['SettingError', 'TrainingDiverged']
+
+
+class SettingError(ValueError):
+    """A setting (an argument name of the run's configuration) whose value cannot work, and how to fix it."""
+
+    def __init__(self, setting: str, value: Any, message: str):
+        self.setting = setting
+        self.value = value
+        self.message = message
+        super().__init__(f'{setting}={value!r}: {message}')
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss stopped being a finite number; the checkpoints written before it stay as they were."""

@@ -1,0 +1,182 @@
+"""The epochs of a training run: train, evaluate, write the summary row and the checkpoint, step the schedule;
+then the best weights as safetensors. Plus resuming, which sets where the epochs start.
+
+    start, saved = load_resume(task, optimizer, scaler, cfg, resume_path(cfg))    weights, optimizer, scaler
+    results = fit(trainer, start, end)                 [{'epoch', 'train', 'validation'}] per evaluated epoch
+    export_best_weights(folder, model, ema_model)      model_best(.ema).safetensors
+"""
+import logging
+import math
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
+from timm.utils import distribute_bn, unwrap_model
+from torch import nn
+
+from ..evaluate import epoch_metrics, predict
+from ..weights import load_checkpoint_file, save_weights
+from .checkpoints import set_rng_state
+from .data import set_loader_epoch
+from .errors import SettingError
+from .experiment import DEFAULT_OUTPUT, SummaryLog
+from .loop import Trainer
+from .models import CHECKPOINT_ERRORS
+
+__all__ = ['resume_path', 'load_resume', 'attach_ema', 'continue_run', 'fit', 'export_best_weights',
+           'evaluate_epoch']
+
+_logger = logging.getLogger(__name__)
+
+
+def resume_path(cfg) -> str:
+    """The checkpoint to resume from: cfg.resume, or for 'auto' the experiment's own last.pth.tar ('' if none)."""
+    if cfg.resume != 'auto':
+        return cfg.resume
+    last = os.path.join(cfg.output or DEFAULT_OUTPUT, cfg.experiment, 'last.pth.tar')
+    _logger.info(f'resume auto: {"resuming from " + last if os.path.isfile(last) else "no " + last + ", a fresh start"}')
+    return last if os.path.isfile(last) else ''
+
+
+def load_resume(task, optimizer, scaler, cfg, path: str):
+    """(epoch to start from, the checkpoint's metadata) after loading the run at `path` into task, optimizer and
+    scaler (not those two with no_resume_opt). SettingError for a truncated checkpoint or one of another model."""
+    keep_opt = not cfg.no_resume_opt
+    try:
+        epoch = resume_task_checkpoint(task, path, optimizer=optimizer if keep_opt else None,
+                                       loss_scaler=scaler if keep_opt else None, log_info=cfg.rank == 0)
+        saved = load_checkpoint_file(path, mmap=True)
+    except CHECKPOINT_ERRORS as e:
+        raise SettingError('resume', path, f'cannot resume from it ({type(e).__name__}: '
+                                           f'{str(e).splitlines()[0][:200]}); it is truncated or the checkpoint of '
+                                           f'another model: pass an intact last.pth.tar of this run') from e
+    return epoch or 0, saved
+
+
+def attach_ema(task, cfg, path: str) -> None:
+    """The EMA of the weights (after resuming: it starts from the resumed weights, then takes the saved EMA)."""
+    if not cfg.model_ema:
+        return
+    task.setup_ema(decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup,
+                   device='cpu' if cfg.model_ema_force_cpu else None)
+    if path:
+        load_task_ema_checkpoint(task, path)
+
+
+def continue_run(trainer: Trainer, saved: Dict[str, Any], start_epoch: int, same_folder: bool) -> None:
+    """Pick up where a resumed run stopped: the schedule at start_epoch, the checkpoint ranking (same folder),
+    and, for a single process, the RNG streams as if the run had not stopped."""
+    if trainer.scheduler is not None and start_epoch > 0:
+        if trainer.cfg.sched_on_updates:
+            trainer.scheduler.step_update(start_epoch * trainer.updates_per_epoch)
+        else:
+            trainer.scheduler.step(start_epoch)
+    if trainer.keeper is not None and same_folder and saved:
+        trainer.keeper.restore(saved.get('saver'), saved.get('epoch', start_epoch - 1))
+    if saved.get('rng_state') is not None and not trainer.cfg.distributed:
+        set_rng_state(saved['rng_state'])
+
+
+def _finite_weights(module: nn.Module) -> bool:
+    """All parameters finite (one host sync)."""
+    flags = [torch.isfinite(p).all() for p in module.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def evaluate_epoch(trainer: Trainer, ema: bool = False) -> Dict[str, float]:
+    """loss / top1 / top5 of the model (or its EMA) on the evaluation loader."""
+    cfg, data = trainer.cfg, trainer.data
+    scores = predict(trainer.task.get_eval_model(ema=ema), data.eval_loader, trainer.precision,
+                     channels_last=cfg.channels_last, tta=cfg.tta, log_every=cfg.log_interval if cfg.rank == 0 else 0,
+                     log_name='Test (EMA)' if ema else 'Test', dataset_length=len(data.eval_dataset))
+    return epoch_metrics(scores, cfg.num_classes)
+
+
+def _evaluate(trainer: Trainer) -> Optional[Dict[str, float]]:
+    cfg = trainer.cfg
+    if trainer.data.eval_loader is None:
+        return None
+    metrics = evaluate_epoch(trainer)
+    ema = trainer.task.get_trainable_module(ema=True)
+    if ema is not None and not cfg.model_ema_force_cpu:
+        if cfg.distributed and cfg.dist_bn in ('broadcast', 'reduce'):
+            distribute_bn(ema, cfg.world_size, cfg.dist_bn == 'reduce')
+        metrics = evaluate_epoch(trainer, ema=True)
+    return metrics
+
+
+def _rank_metric(trainer: Trainer, train: Dict[str, float], evaluation: Optional[Dict[str, float]]):
+    """The value the checkpoints are ranked by, None for a model that is not finite (never the best)."""
+    name = trainer.cfg.eval_metric if evaluation is not None else 'loss'
+    value = (evaluation if evaluation is not None else train)[name]
+    loss = (evaluation if evaluation is not None else train)['loss']
+    if not (math.isfinite(value) and math.isfinite(loss)) or not _finite_weights(trainer.task.get_trainable_module()):
+        _logger.warning('the model is not finite after this epoch: its checkpoint is kept unranked, never the best')
+        return value, None
+    return value, value
+
+
+def fit(trainer: Trainer, start_epoch: int, end_epoch: int, summary: Optional[SummaryLog] = None,
+        wandb=None) -> List[Dict[str, Any]]:
+    """Epochs [start_epoch, end_epoch) of the run; evaluation and checkpoints every val_interval epochs and at
+    the end; KeyboardInterrupt ends the loop quietly (the results so far are returned)."""
+    cfg = trainer.cfg
+    milestones = set(cfg.save_epochs or ())
+    results = []
+    try:
+        for epoch in range(start_epoch, end_epoch):
+            set_loader_epoch(trainer.data.train_loader, epoch)
+            train = trainer.train_epoch(epoch)
+            if cfg.distributed and cfg.dist_bn in ('broadcast', 'reduce'):
+                distribute_bn(trainer.task.get_trainable_module(), cfg.world_size, cfg.dist_bn == 'reduce')
+            done = epoch + 1
+            if done % cfg.val_interval and done != end_epoch:
+                _logger.info(f'Epoch {epoch}: no evaluation or checkpoint (val_interval {cfg.val_interval})')
+                if trainer.keeper is not None and done in milestones:
+                    trainer.keeper.save(trainer.state(), epoch)      # unranked: the milestone needs this state
+                    trainer.keeper.milestone(done)
+                if trainer.scheduler is not None:
+                    trainer.scheduler.step(done, metric=None)
+                continue
+            evaluation = _evaluate(trainer)
+            value, rank_by = _rank_metric(trainer, train, evaluation)
+            if summary is not None:
+                lrs = [g['lr'] for g in trainer.optimizer.param_groups]
+                row = summary.append(epoch, train, evaluation, sum(lrs) / len(lrs))
+                if wandb is not None:
+                    wandb.log(row)
+            if trainer.keeper is not None:
+                trainer.keeper.save(trainer.state(), epoch, rank_by)
+                if done in milestones:
+                    trainer.keeper.milestone(done)
+            if trainer.scheduler is not None:
+                trainer.scheduler.step(done, value)
+            results.append({'epoch': epoch, 'train': train, **({'validation': evaluation} if evaluation else {})})
+    except KeyboardInterrupt:
+        _logger.info('Interrupted: stopping after the last complete epoch')
+    return results
+
+
+def export_best_weights(folder: str, model: nn.Module, ema_model: Optional[nn.Module] = None) -> List[str]:
+    """model_best.safetensors (and model_best_ema.safetensors) from model_best.pth.tar, or last.pth.tar when no
+    epoch was ranked: the weights alone, for validate.py and timm.create_model(pretrained_cfg_overlay=dict(file=)).
+    Weights that are not finite are not exported (a warning says so)."""
+    source = os.path.join(folder, 'model_best.pth.tar')
+    if not os.path.exists(source):
+        source = os.path.join(folder, 'last.pth.tar')
+        if not os.path.exists(source):
+            return []
+    checkpoint = load_checkpoint_file(source)
+    written = []
+    for key, module, name in (('state_dict', model, 'model_best.safetensors'),
+                              ('state_dict_ema', ema_model, 'model_best_ema.safetensors')):
+        if checkpoint.get(key) is None or module is None:
+            continue
+        if not all(torch.isfinite(t).all() for t in checkpoint[key].values() if t.is_floating_point()):
+            _logger.warning(f'{os.path.basename(source)} holds weights that are not finite: {name} not written')
+            continue
+        module = unwrap_model(module)
+        module.load_state_dict(checkpoint[key])
+        written.append(str(save_weights(module, os.path.join(folder, name))))
+    return written

@@ -1,0 +1,78 @@
+"""The process a training run lives in: device backends, distributed init, precision, seeds; the model placed on
+its device in its dtype and memory layout; the loss scaler; the output folder's name."""
+import argparse
+import importlib
+import logging
+from datetime import datetime
+
+import torch
+from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
+from timm.models import safe_model_name
+from timm.utils import NativeScaler, init_distributed_device, random_seed, set_jit_fuser
+from torch import nn
+
+from .errors import SettingError
+from .precision import Precision, fast_cuda_math, require_device, resolve_precision
+
+__all__ = ['start_process', 'place_model', 'loss_scaler', 'experiment_name']
+
+_logger = logging.getLogger(__name__)
+
+
+def start_process(cfg: argparse.Namespace) -> Precision:
+    """Import device_modules, enable TF32 / cudnn autotuning on CUDA, join the process group under torchrun
+    (cfg gets distributed, world_size, rank, device), seed per rank; returns the run's Precision."""
+    for module in cfg.device_modules or ():
+        importlib.import_module(module)
+    fast_cuda_math()
+    cfg.prefetcher = not cfg.no_prefetcher
+    cfg.grad_accum_steps = max(1, cfg.grad_accum_steps)
+    require_device(cfg.device)
+    precision = resolve_precision(cfg.device, cfg.amp, cfg.amp_dtype, cfg.model_dtype)
+    device = init_distributed_device(cfg)
+    precision = Precision(device, precision.model_dtype, precision.amp_dtype)
+    if cfg.distributed:
+        _logger.info(f'Training in distributed mode: process {cfg.rank} of {cfg.world_size}, device {cfg.device}.')
+    else:
+        _logger.info(f'Training with a single process on 1 device ({cfg.device}).')
+    if precision.model_dtype == torch.float16:
+        _logger.warning('float16 parameters train poorly; bfloat16 or amp are the safer choices')
+    _logger.info(f'Precision: {precision.describe()}.')
+    random_seed(cfg.seed, cfg.rank)
+    if cfg.fuser:
+        set_jit_fuser(cfg.fuser)
+    if cfg.fast_norm:
+        set_fast_norm()
+    return precision
+
+
+def place_model(model: nn.Module, cfg: argparse.Namespace, precision: Precision) -> nn.Module:
+    """Split / synchronised batch norm, device and dtype, channels-last, TorchScript: what the settings ask."""
+    if cfg.split_bn:
+        model = convert_splitbn_model(model, max(cfg.aug_splits, 2))
+    model.to(device=precision.device, dtype=precision.model_dtype)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.distributed and cfg.sync_bn:
+        if cfg.split_bn:
+            raise SettingError('sync_bn', True, 'cannot be combined with split_bn; remove one')
+        cfg.dist_bn = ''
+        model = convert_sync_batchnorm(model)
+        _logger.info('Batch norm synchronised over processes (zero-initialised BN layers may misbehave with it).')
+    if cfg.torchscript:
+        if cfg.sync_bn:
+            raise SettingError('torchscript', True, 'cannot be combined with sync_bn')
+        model = torch.jit.script(model)
+    return model
+
+
+def loss_scaler(precision: Precision):
+    """timm's NativeScaler when float16 autocast on CUDA needs one, else None."""
+    return NativeScaler(device=precision.device.type) if precision.needs_loss_scaling else None
+
+
+def experiment_name(cfg: argparse.Namespace, image_size: int) -> str:
+    """cfg.experiment, else timm's '<date-time>-<model>-<image size>'."""
+    if cfg.experiment:
+        return cfg.experiment
+    return f'{datetime.now().strftime("%Y%m%d-%H%M%S")}-{safe_model_name(cfg.model)}-{image_size}'

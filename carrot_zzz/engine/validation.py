@@ -1,0 +1,203 @@
+"""What validate.py does for one model: the model a checkpoint holds, the split's loader, the scores, the results.
+
+    state_dict = read_checkpoint(cfg.checkpoint, cfg.use_ema)                 (None without a checkpoint)
+    model = create_validation_model(cfg, state_dict)                          weights loaded, strictly
+    loader = validation_loader(cfg, dataset, data_config, crop_pct, precision, model)
+    results = report(cfg, scores, ood_scores, ...)                            timm's fields + carrot-zzz's
+
+The class count, head type and ZZZ rank come from the checkpoint (carrot_zzz.weights.describe_checkpoint) where the
+command line does not give them; values given on both must agree.
+"""
+import argparse
+import csv
+import json
+import logging
+import os
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional
+
+import timm
+import torch
+from timm.data import create_loader
+from torch import nn
+
+from ..data import create_dataset
+from ..metrics import auroc, fpr_at_tpr, per_class_accuracy, split_metrics
+from ..registry import is_zzz_name, zzz_name
+from ..weights import describe_checkpoint, fit_state_dict, read_weights
+from .errors import SettingError
+from .models import merge_model_kwargs
+from .precision import Precision, input_channels
+
+__all__ = ['read_checkpoint', 'model_spec', 'create_validation_model', 'open_eval_split', 'validation_loader',
+           'class_names', 'report', 'per_class_rows', 'write_rows', 'write_results']
+
+_logger = logging.getLogger(__name__)
+
+
+def read_checkpoint(path: str, use_ema: bool) -> Dict[str, torch.Tensor]:
+    """The weights of a .pth.tar / .pth / .safetensors file (its EMA entry with use_ema); SettingError otherwise."""
+    if not os.path.isfile(path):
+        raise SettingError('checkpoint', path, 'no such file; pass the path of a .pth.tar, .pth or .safetensors file')
+    try:
+        state_dict, meta = read_weights(path, use_ema=use_ema)
+    except ValueError as e:
+        raise SettingError('checkpoint', path, f'cannot read it ({str(e).split("(", 1)[-1].rstrip(")")}; it is '
+                                               f'truncated or not a timm / carrot_zzz checkpoint') from e
+    _logger.info(f'Loaded the weights of {path}' + (f' (entry {meta["entry"]})' if 'entry' in meta else ''))
+    return state_dict
+
+
+_SPEC_WORDS = {'num_classes': 'classes', 'head_type': 'as its head', 'zzz_rank': 'as its ZZZ rank'}
+
+
+def model_spec(cfg: argparse.Namespace, state_dict: Optional[Dict[str, torch.Tensor]]):
+    """(model name, create_model kwargs): --model / --head / --zzz-rank / --num-classes, completed by what the
+    checkpoint says; a plain name with a saved `_zzz` model becomes `<arch>_zzz`."""
+    info = describe_checkpoint(state_dict, cfg.model) if state_dict is not None else {}
+    name = cfg.model
+    if not is_zzz_name(name) and (cfg.head or cfg.zzz_rank is not None or info.get('whole')):
+        name = zzz_name(name)
+        if info.get('whole'):
+            _logger.info(f'{cfg.checkpoint} holds a carrot_zzz model (backbone.* / head.*): validating {name}')
+    from_flags = {'num_classes': cfg.num_classes}
+    if is_zzz_name(name):
+        from_flags.update(head_type=cfg.head, zzz_rank=cfg.zzz_rank)
+    stated = {k: v for k, v in from_flags.items() if v is not None}
+    read = {k: info[k] for k in from_flags if info.get(k) is not None and not (k == 'zzz_rank' and (
+        stated.get('head_type', info.get('head_type')) == 'linear'))}
+    for key in sorted(stated.keys() & read.keys()):
+        if stated[key] != read[key]:
+            raise SettingError(key, stated[key], f'the checkpoint {cfg.checkpoint} has {read[key]} '
+                                                 f'({_SPEC_WORDS[key]}); drop {key} or pass the checkpoint it '
+                                                 f'describes')
+    chosen = merge_model_kwargs({**read, **stated}, cfg.model_kwargs, f'the checkpoint {cfg.checkpoint}' if read
+                                else 'the command line')
+    return name, chosen
+
+
+def create_validation_model(cfg: argparse.Namespace, state_dict: Optional[Dict[str, torch.Tensor]]) -> nn.Module:
+    """The model to validate, weights loaded strictly (a mismatch is one SettingError naming it); cfg.model and
+    cfg.num_classes are set to what was built."""
+    name, kwargs = model_spec(cfg, state_dict)
+    if not timm.is_model(name.split('.')[0]):
+        raise SettingError('model', name, 'timm has no such model; pass a timm architecture (timm.list_models()) '
+                                          'or its _zzz variant')
+    if cfg.torchscript and is_zzz_name(name):
+        raise SettingError('torchscript', True, 'is not supported for carrot_zzz models; use torchcompile')
+    pretrained = cfg.pretrained and state_dict is None
+    try:
+        model = timm.create_model(name, pretrained=pretrained, in_chans=input_channels(cfg.in_chans, cfg.input_size),
+                                  global_pool=cfg.gp, scriptable=cfg.torchscript, **kwargs)
+    except (OSError, RuntimeError, TypeError, ValueError) as e:
+        why = f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
+        fix = 'pass checkpoint=PATH to validate trained weights' if pretrained else 'check model_kwargs and the ' \
+                                                                                    'model options'
+        raise SettingError('model', name, f'cannot create it ({why}); {fix}') from e
+    if state_dict is not None:
+        try:
+            model.load_state_dict(fit_state_dict(state_dict, model, what=cfg.checkpoint), strict=True)
+        except (ValueError, RuntimeError) as e:
+            raise SettingError('checkpoint', cfg.checkpoint, f'{str(e).splitlines()[0][:600]}; pass the matching '
+                                                             f'model, num_classes and zzz_rank') from e
+    cfg.model, cfg.num_classes = name, model.num_classes
+    return model
+
+
+def open_eval_split(cfg: argparse.Namespace, name: str, root: str, split: str, img_mode: str, class_map: str = ''):
+    """A split to validate on; SettingError naming data_dir / dataset / split when it cannot be read."""
+    try:
+        return create_dataset(name, root=root, split=split, download=cfg.dataset_download,
+                              load_bytes=cfg.tf_preprocessing, class_map=class_map, num_samples=cfg.num_samples,
+                              input_key=cfg.input_key, input_img_mode=img_mode, target_key=cfg.target_key,
+                              trust_remote_code=cfg.dataset_trust_remote_code, seed=cfg.seed)
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError, AssertionError) as e:
+        raise SettingError('split', split, f'cannot read this split of {name or "the image folder"} at {root} '
+                                           f'({type(e).__name__}: {str(e).splitlines()[0][:300]}); check data_dir, '
+                                           f'dataset and split') from e
+
+
+def validation_loader(cfg: argparse.Namespace, dataset, data_config: Dict[str, Any], crop_pct: float,
+                      precision: Precision, model: nn.Module):
+    """timm's evaluation loader (or its NaFlex loader) for the split."""
+    common = dict(batch_size=cfg.batch_size, use_prefetcher=cfg.prefetcher, interpolation=data_config['interpolation'],
+                  mean=data_config['mean'], std=data_config['std'], num_workers=cfg.workers, crop_pct=crop_pct,
+                  crop_mode=data_config['crop_mode'], crop_border_pixels=cfg.crop_border_pixels,
+                  pin_memory=cfg.pin_mem, device=precision.device, img_dtype=precision.input_dtype)
+    if cfg.naflex_loader:
+        from timm.data import create_naflex_loader
+        patch = getattr(getattr(model, 'embeds', None), 'patch_size', None) or (16, 16)
+        return create_naflex_loader(dataset, patch_size=patch, max_seq_len=cfg.naflex_max_seq_len, **common)
+    return create_loader(dataset, input_size=data_config['input_size'], tf_preprocessing=cfg.tf_preprocessing,
+                         **common)
+
+
+def class_names(dataset, num_classes: int) -> List[str]:
+    """Class names in label order: dataset.classes, a timm reader's class_to_idx, else the indices."""
+    names = getattr(dataset, 'classes', None)
+    mapping = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+    if names is None and mapping:
+        names = [None] * (max(mapping.values()) + 1)
+        for name, index in mapping.items():
+            names[index] = name
+    names = list(names or [])
+    return [str(names[i]) if i < len(names) and names[i] is not None else str(i) for i in range(num_classes)]
+
+
+def _ood_fields(scores: Dict[str, torch.Tensor], ood: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """AUROC and FPR@95TPR (%) of the split (positive) against the OOD data, by max softmax prob and max log-lik."""
+    out = OrderedDict()
+    for tag, key in (('msp', 'conf'), ('ll', 'max_ll')):
+        if key in scores and key in ood:
+            out[f'ood_auroc_{tag}'] = round(100 * auroc(scores[key], ood[key]), 4)
+            out[f'ood_fpr95_{tag}'] = round(100 * fpr_at_tpr(scores[key], ood[key], 0.95), 4)
+    return out
+
+
+def report(cfg: argparse.Namespace, scores: Dict[str, torch.Tensor], num_classes: int, param_count: int,
+           data_config: Dict[str, Any], crop_pct: float, ood: Optional[Dict[str, torch.Tensor]] = None,
+           real_top: Optional[Dict[int, float]] = None, extra: Optional[Dict[str, float]] = None) -> 'OrderedDict':
+    """timm's result fields (model, top1 / top5 and their errors in %, param count in millions, image size, crop pct,
+    interpolation) and carrot-zzz's (mean_class_acc, nll, ece; OOD fields). real_top: {1: %, 5: %} from real labels."""
+    m = split_metrics(scores, num_classes)
+    top1, top5 = (real_top[1], real_top[5]) if real_top else (100 * m['top1'], 100 * m['top5'])
+    fields = OrderedDict(model=cfg.model, top1=round(top1, 4), top1_err=round(100 - top1, 4), top5=round(top5, 4),
+                         top5_err=round(100 - top5, 4))
+    fields.update(extra or {})
+    fields.update(param_count=round(param_count / 1e6, 2), img_size=data_config['input_size'][-1], crop_pct=crop_pct,
+                  interpolation=data_config['interpolation'], mean_class_acc=round(100 * m['mean_class_acc'], 4),
+                  nll=round(m['nll'], 4), ece=round(100 * m['ece'], 4))
+    if ood:
+        fields.update(_ood_fields(scores, ood))
+    return fields
+
+
+def per_class_rows(scores: Dict[str, torch.Tensor], names: List[str]) -> List[Dict[str, Any]]:
+    """class_index, class_name, accuracy (%, empty for an absent class), correct, support per class."""
+    target, pred = scores['target'], scores['pred']
+    keep = (target >= 0) & (target < len(names))
+    acc, support = per_class_accuracy(pred[keep], target[keep], len(names))
+    correct = torch.bincount(target[keep][pred[keep] == target[keep]], minlength=len(names))
+    return [OrderedDict(class_index=c, class_name=names[c],
+                        accuracy='' if support[c] == 0 else round(100 * acc[c].item(), 4),
+                        correct=int(correct[c]), support=int(support[c])) for c in range(len(names))]
+
+
+def write_rows(path: str, rows: List[Dict[str, Any]]) -> None:
+    """Rows as csv, the header the union of their keys in first-seen order, missing cells empty."""
+    fields = list(OrderedDict((k, None) for r in rows for k in r))
+    with open(path, mode='w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval='')
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_results(path: str, results, fmt: str = 'csv') -> None:
+    """The results of one model (a dict) or of several (a list) as json, else csv (timm's fallback)."""
+    if fmt == 'json':
+        with open(path, mode='w') as f:
+            json.dump(results, f, indent=4)
+        return
+    rows = results if isinstance(results, (list, tuple)) else [results]
+    if rows:
+        write_rows(path, rows)

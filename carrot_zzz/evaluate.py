@@ -1,0 +1,110 @@
+"""The one evaluation loop: a model over a loader, per-sample scores gathered, split metrics from carrot_zzz.metrics.
+
+    scores = predict(model, loader, precision)              per-sample tensors over the whole split
+    metrics = split_metrics(scores, num_classes)            top1, top5, mean_class_acc, nll, ece (fractions)
+
+train.py evaluates every epoch with it (loss = mean NLL, top1, top5 in %), validate.py reports everything.
+Under DDP each rank scores its shard of timm's ordered distributed sampler (rank r holds samples r, r + W, ...,
+padded to equal length) and `predict` gathers them back into dataset order, padding dropped: the metrics are
+those of the whole split, exactly.
+"""
+import logging
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .distributed import is_distributed
+from .engine.precision import Precision
+from .metrics import sample_scores, split_metrics
+
+__all__ = ['predict', 'epoch_metrics', 'split_metrics']
+
+_logger = logging.getLogger(__name__)
+
+
+def _progress_line(name: str, index: int, batches: int, seconds: float, samples: int,
+                   scores: Dict[str, List[torch.Tensor]]) -> str:
+    """'Test: [  10/50]  Time: ...  Loss: ...  Acc@1: ...  Acc@5: ...' with running means over the batches so far."""
+    nll = torch.cat(scores['nll']).double().mean().item()
+    top1 = 100 * torch.cat(scores['hit1']).double().mean().item()
+    top5 = 100 * torch.cat(scores['hitk']).double().mean().item()
+    per_batch = seconds / (index + 1)
+    return (f'{name}: [{index:>4d}/{batches}]  Time: {per_batch:.3f}s ({samples / seconds:>7.2f}/s)  '
+            f'Loss: {nll:>7.4f}  Acc@1: {top1:>7.3f}  Acc@5: {top5:>7.3f}')
+
+
+def _gather_in_dataset_order(values: torch.Tensor, length: int) -> torch.Tensor:
+    """Per-rank (n, ...) scores of an ordered distributed sampler -> (length, ...) in dataset order."""
+    world = dist.get_world_size()
+    parts = [torch.empty_like(values) for _ in range(world)]
+    dist.all_gather(parts, values.contiguous())
+    stacked = torch.stack(parts, 1)                              # (n, W, ...): row j holds samples j W .. j W + W - 1
+    return stacked.flatten(0, 1)[:length]
+
+
+@torch.inference_mode()
+def predict(
+        model: nn.Module,
+        loader,
+        precision: Precision,
+        channels_last: bool = False,
+        class_subset: Optional[Sequence[int]] = None,
+        bias: Optional[torch.Tensor] = None,
+        on_logits: Optional[Callable[[torch.Tensor], None]] = None,
+        tta: int = 0,
+        log_every: int = 0,
+        log_name: str = 'Test',
+        dataset_length: Optional[int] = None,
+) -> Dict[str, torch.Tensor]:
+    """Per-sample scores (metrics.sample_scores, plus `max_ll`) of `model` over `loader`, on the CPU.
+
+    class_subset: keep these logit columns (the labels index into them). bias: the ZZZ head's bias (C,); then
+    max_ll (N,) = max_c (logit_c - bias_c), the largest class log-likelihood. on_logits(logits) sees every batch.
+    tta > 1: each group of tta consecutive inputs is one sample, its logits averaged. log_every: a progress line
+    every so many batches (the only host syncs). dataset_length: the split's size, to drop DDP padding.
+    """
+    model.eval()
+    if bias is not None and class_subset is not None:
+        bias = bias[list(class_subset)]
+    kept: Dict[str, List[torch.Tensor]] = {}
+    start, samples = time.time(), 0
+    for index, (images, target) in enumerate(loader):
+        images = images.to(device=precision.device, dtype=precision.input_dtype, non_blocking=True)
+        target = target.to(device=precision.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with precision.autocast():
+            logits = model(images)
+        logits = (logits[0] if isinstance(logits, (tuple, list)) else logits).float()
+        if tta > 1:
+            logits, target = logits.unflatten(0, (-1, tta)).mean(1), target[::tta]
+        if class_subset is not None:
+            logits = logits[:, list(class_subset)]
+        if on_logits is not None:
+            on_logits(logits)
+        batch = sample_scores(logits, target)
+        if bias is not None:
+            batch['max_ll'] = (logits - bias.to(logits)).max(1).values
+        for key, value in batch.items():
+            kept.setdefault(key, []).append(value)
+        samples += logits.shape[0]
+        if log_every and (index % log_every == 0):
+            _logger.info(_progress_line(log_name, index, len(loader), time.time() - start, samples, kept))
+    if not kept:
+        return {}
+    out = {key: torch.cat(values) for key, values in kept.items()}
+    if is_distributed():
+        out = {key: _gather_in_dataset_order(v, dataset_length or len(v) * dist.get_world_size())
+               for key, v in out.items()}
+    return {key: value.cpu() for key, value in out.items()}
+
+
+def epoch_metrics(scores: Dict[str, torch.Tensor], num_classes: int) -> Dict[str, float]:
+    """What train.py logs and ranks by after an epoch: loss (mean NLL), top1, top5 (in %), timm's summary columns."""
+    if not scores:
+        return {'loss': float('nan'), 'top1': 0.0, 'top5': 0.0}
+    m = split_metrics(scores, num_classes)
+    return {'loss': m['nll'], 'top1': 100 * m['top1'], 'top5': 100 * m['top5']}
