@@ -12,7 +12,7 @@ pretrained_cfg and checkpoint filter), so every weight source timm supports for 
 import importlib
 import inspect
 import re
-from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -33,6 +33,22 @@ BACKBONE_PREFIX = 'backbone.'
 # create_model kwargs consumed by the wrapper, never passed to the base
 _HEAD_KWARGS = ('head_type', 'zzz_rank', 'zzz_v_min', 'zzz_sigma2_min')
 _WHOLE_MODEL_SOURCES = ('local-dir', 'hf-hub')
+
+
+class _FromBackbone:
+    """A ZZZModel class attribute read live from `self.backbone` under the same name.
+
+    When the base has no such attribute the read raises AttributeError, so `hasattr(model, name)` and
+    `getattr(model, name, default)` answer for the wrapper exactly as they answer for the base.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, model: Optional[nn.Module], owner: Optional[type] = None) -> Any:
+        if model is None:
+            return self
+        return getattr(model.backbone, self.name)
 
 
 def _prefix(names: Any, prefix: str = BACKBONE_PREFIX) -> Any:
@@ -111,7 +127,21 @@ class ZZZModel(nn.Module):
     Shapes: forward(x (B, in_chans, H, W)) -> logits (B, C), or embedding (B, D) when C == 0;
         forward(x, return_embedding=True) -> (logits (B, C), embedding (B, D)) from one backbone pass.
         D = head_hidden_size.
+
+    Base-model attributes that timm's own code and tests read on a model are the base's, read live:
+    output_fmt (layout of forward_features: 'NCHW', 'NHWC' for swin / mambaout / sequencer ...),
+    num_prefix_tokens, feature_dim, dynamic_img_size, patch_embed, set_input_size, feature_info (module
+    names prefixed 'backbone.'), _traits (first_conv prefixed) and the base's part of _model_args.
     """
+
+    __jit_unused_properties__ = ['global_pool', 'feature_info', '_traits', '_model_args']  # metadata, not forward
+
+    output_fmt = _FromBackbone()
+    num_prefix_tokens = _FromBackbone()
+    feature_dim = _FromBackbone()
+    dynamic_img_size = _FromBackbone()
+    patch_embed = _FromBackbone()
+    set_input_size = _FromBackbone()
 
     def __init__(
             self,
@@ -123,6 +153,7 @@ class ZZZModel(nn.Module):
             zzz_sigma2_min: float = 1e-4,
     ):
         super().__init__()
+        self._wrapper_model_args: Dict[str, Any] = {}
         if head_type not in HEAD_TYPES:
             raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {head_type!r}")
         for method in ('forward_features', 'forward_head'):
@@ -146,6 +177,7 @@ class ZZZModel(nn.Module):
 
     # --- construction helpers -----------------------------------------------------------------------
     def _make_head(self, num_classes: int) -> nn.Module:
+        """A fresh head for num_classes (nn.Identity for 0), on the backbone's device, in the model's mode."""
         if num_classes < 0:
             raise ValueError(f'num_classes must be >= 0, got {num_classes}')
         if num_classes == 0:
@@ -161,10 +193,10 @@ class ZZZModel(nn.Module):
             head = head.to(param.device)
             if self.head_type == 'linear' and param.is_floating_point():
                 head = head.to(param.dtype)
-        return head
+        return head.train(self.training)  # as timm's reset_classifier: a new head in eval mode in an eval model
 
     def _adopt_backbone_metadata(self) -> None:
-        """pretrained_cfg / _traits of the base, renamed for the wrapper (architecture, classifier, first_conv)."""
+        """pretrained_cfg of the base, renamed for the wrapper (architecture, classifier, first_conv)."""
         cfg = dict(getattr(self.backbone, 'pretrained_cfg', None) or {})
         cfg.pop('state_dict', None)  # an in-memory source is not kept alive by the model
         arch = cfg.get('architecture')
@@ -175,10 +207,44 @@ class ZZZModel(nn.Module):
         self.pretrained_cfg: Dict[str, Any] = cfg
         self.default_cfg = self.pretrained_cfg
         self.pretrained_model_args = dict(getattr(self.backbone, 'pretrained_model_args', None) or {})
+
+    # --- live views of the base's metadata -------------------------------------------------------------
+    @property
+    def feature_info(self) -> List[Dict[str, Any]]:
+        """The base's feature_info (one dict per feature level: num_chs, reduction, module), module names
+        prefixed 'backbone.' so they name the wrapper's modules; AttributeError when the base has none."""
+        infos = self.backbone.feature_info
+        infos = getattr(infos, 'info', infos)  # a FeatureInfo holds its dicts in .info
+        return [dict(f, module=_prefix(f['module'])) if f.get('module') else dict(f) for f in infos]
+
+    @property
+    def _traits(self) -> Dict[str, Any]:
+        """The base's current traits (img_size, fixed_input_size, first_conv), first_conv prefixed 'backbone.'.
+
+        Live, so a resize of the base (set_input_size) is what timm's save_for_hf records for the wrapper.
+        """
         traits = dict(getattr(self.backbone, '_traits', None) or {})
         if 'first_conv' in traits:
             traits['first_conv'] = _prefix(traits['first_conv'])
-        self._traits = traits
+        return traits
+
+    @_traits.setter
+    def _traits(self, traits: Dict[str, Any]) -> None:
+        traits = dict(traits)
+        if 'first_conv' in traits:
+            traits['first_conv'] = _unprefix(traits['first_conv'])
+        self.backbone._traits = traits
+
+    @property
+    def _model_args(self) -> Dict[str, Any]:
+        """Reconstruction kwargs: the wrapper's (head kwargs, num_classes, factory kwargs) updated with the
+        base's current ones (its resizes and head options), the base's num_classes=0 left out."""
+        base = getattr(self.backbone, '_model_args', None) or {}
+        return dict(self._wrapper_model_args, **{k: v for k, v in base.items() if k != 'num_classes'})
+
+    @_model_args.setter
+    def _model_args(self, args: Dict[str, Any]) -> None:
+        self._wrapper_model_args = dict(args)
 
     # --- timm model API -----------------------------------------------------------------------------
     @property

@@ -14,7 +14,19 @@ with ||delta||^2 = ||x||^2 - 2 x.m_c + ||m_c||^2 and t = R_c^-T (A_c^T x - A_c^T
 so the whole head is two matrix products against (d, C) and (d, C r) weights and r x r work per class:
 no (B, C, d) tensor, no d x d inverse or determinant, no host sync.
 Rank 0 is the same code with an empty basis: alpha ||x - m_c||^2 + d log sigma^2, a cosine classifier.
+
+Inference form (eval mode with no gradient for the parameters, and always in eval mode under torch.jit.trace
+or torch.export): the logits are a fixed function of x, so the parameters are folded once into
+
+    logit_c = (alpha m_c.x + b_c) + sum_k (s_ck U_ck.x - s_ck U_ck.m_c)^2 - alpha/2 ||x||^2
+    s_ck^2  = alpha^2 v_ck / (2 (1 + alpha v_ck)),   b_c = -1/2 (alpha ||m_c||^2 + log|Sigma_c|) + bias_c
+
+one matrix product against a (C + C r, d) weight plus elementwise work (ZZZHead.inference_form): no
+factorisation left, so both ONNX exporters translate it, and it is the faster eval path. The folded tensors
+are plain attributes (never in the state_dict, never pickled), rebuilt when the parameters change.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,6 +89,22 @@ def _class_columns(A: torch.Tensor) -> torch.Tensor:
     return A.new_empty(d, C, r).copy_(A.permute(1, 0, 2)).view(d, C * r)
 
 
+# plain attributes holding the inference form (weight, bias, half_alpha) and what it was built from
+_INFERENCE_ATTRS = ('_inference_weight', '_inference_bias', '_inference_half_alpha', '_inference_key')
+
+
+def _autocast_off(device_type: str):
+    """A region with autocast disabled; no context at all when autocast is off (what an exporter traces)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _is_traced() -> bool:
+    """True under torch.jit.trace (the dynamo=False ONNX exporter) and torch.export (dynamo=True)."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 def _inverse_cholesky_factor(gram: torch.Tensor) -> torch.Tensor:
     """R^-1 (C, r, r) in float64 for gram = R^T R (C, r, r), R upper triangular: no host sync (cholesky_ex)."""
     gram = gram.to(torch.float64)
@@ -113,6 +141,14 @@ class ZZZHead(nn.Module):
     Shapes: forward(feats (B, d)) -> logits (B, C). The head runs in float32 (float64 for float64
     inputs) with autocast disabled inside, and returns logits in that dtype (float32 for float32, bf16 or fp16
     features): the dtype timm's losses compute softmax / cross-entropy in under autocast anyway.
+
+    Eval mode: forward uses the inference form (see inference_form) when no gradient reaches the parameters
+    (torch.no_grad / inference_mode, or parameters with requires_grad=False) and whenever the model is traced
+    for export; otherwise the exact training form. The form is rebuilt on eval(), .to(), load_state_dict and
+    parameter assignment, and before a forward after any in-place write that bumps the parameters' version
+    counters (optimizers, EMA updates, copy_ under torch.no_grad). Writes that bypass those counters (through
+    `.data`, or fused optimizers such as AdamW(fused=True) while the head is in eval mode) are not seen:
+    call eval() again after them.
     """
 
     def __init__(
@@ -137,6 +173,7 @@ class ZZZHead(nn.Module):
         self.rank = rank
         self.v_min = v_min
         self.sigma2_min = sigma2_min
+        self._drop_inference_form()
 
         self.mu = nn.Parameter(torch.randn(num_classes, feat_dim) * 0.02)
         if rank > 0:
@@ -185,12 +222,15 @@ class ZZZHead(nn.Module):
         """sigma^2 () = softplus(sigma2_raw) + sigma2_min: the isotropic variance shared by all classes."""
         return F.softplus(self.sigma2_raw.to(dtype)) + self.sigma2_min
 
-    def log_likelihood(self, feats: torch.Tensor) -> torch.Tensor:
-        """Class log-likelihoods without the bias: (B, d) -> (B, C), float32 (float64 for float64 input)."""
+    def _check_features(self, feats: torch.Tensor) -> None:
         if feats.ndim != 2 or feats.shape[1] != self.feat_dim:
             raise ValueError(
                 f'ZZZHead: expected features of shape (B, {self.feat_dim}), got {tuple(feats.shape)}; '
                 f'feat_dim must equal the embedding size of the backbone')
+
+    def log_likelihood(self, feats: torch.Tensor) -> torch.Tensor:
+        """Class log-likelihoods without the bias: (B, d) -> (B, C), float32 (float64 for float64 input)."""
+        self._check_features(feats)
         dtype = _compute_dtype(feats.dtype, self.mu.dtype)
         with torch.autocast(device_type=feats.device.type, enabled=False):
             x = F.normalize(feats.to(dtype), dim=1)                         # (B, d)
@@ -213,5 +253,157 @@ class ZZZHead(nn.Module):
             return -0.5 * (mahalanobis + logdet)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C) = log_likelihood(feats) + bias."""
-        return self.log_likelihood(feats) + self.bias.to(_compute_dtype(feats.dtype, self.mu.dtype))
+        """Logits (B, C) = log_likelihood(feats) + bias; the same function through the inference form in eval
+        mode when no gradient reaches the parameters (see the class docstring)."""
+        dtype = _compute_dtype(feats.dtype, self.mu.dtype)
+        if self._uses_inference_form():
+            self._check_features(feats)
+            return self._inference_logits(feats, dtype)
+        return self.log_likelihood(feats) + self.bias.to(dtype)
+
+    # --- inference form -----------------------------------------------------------------------------
+    def inference_form(self, dtype: torch.dtype = torch.float32):
+        """(weight (C + C r, d), bias (C + C r,), half_alpha ()): the head folded for inference, in `dtype`.
+
+        With x = normalize(feats) and [lin (B, C) | quad (B, C r)] = x @ weight^T + bias:
+
+            logits = lin - half_alpha ||x||^2 + sum_k quad[:, c r + k]^2              (B, C)
+            row c of weight:       alpha m_c     bias  -1/2 (alpha ||m_c||^2 + log|Sigma_c|) + bias_c
+            row C + c r + k:       s_ck U_ck     bias  -s_ck U_ck.m_c
+            s_ck^2 = alpha^2 v_ck / (2 (1 + alpha v_ck)),   half_alpha = alpha / 2
+
+        which is the training form -1/2 (alpha ||x - m_c||^2 - sum_k 2 s_ck^2 (U_ck.(x - m_c))^2 + log|Sigma_c|)
+        + bias_c expanded. U comes from basis(dtype); no r x r factorisation is left for the forward.
+        """
+        C, d, r = self.num_classes, self.feat_dim, self.rank
+        m = F.normalize(self.mu.to(dtype), dim=1)                                    # (C, d)
+        v = self.variances(dtype)                                                    # (C, r)
+        sigma2 = self.sigma2(dtype)                                                  # ()
+        alpha = 1.0 / sigma2
+        logdet = d * torch.log(sigma2) + torch.log1p(alpha * v).sum(-1)              # (C,)
+        lin_bias = -0.5 * (alpha * (m * m).sum(1) + logdet) + self.bias.to(dtype)   # (C,)
+        scale = (0.5 * alpha * alpha * v / (1.0 + alpha * v)).sqrt()                 # (C, r)
+        quad_weight = (self.basis(dtype) * scale.unsqueeze(1)).transpose(1, 2)       # (C, r, d)
+        quad_bias = -(quad_weight @ m.unsqueeze(2)).reshape(C * r)                   # (C r,)
+        weight = torch.cat([alpha * m, quad_weight.reshape(C * r, d)])              # (C + C r, d)
+        return weight, torch.cat([lin_bias, quad_bias]), 0.5 * alpha
+
+    def _uses_inference_form(self) -> bool:
+        """Eval mode and no gradient for the parameters; in eval mode always when traced for export."""
+        if self.training:
+            return False
+        if _is_traced():
+            return True
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+
+    def _inference_logits(self, feats: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Logits (B, C) from the stored inference form: one (B, d) x (d, C + C r) product, then elementwise."""
+        weight, bias, half_alpha = self._current_inference_form(dtype)
+        C, r = self.num_classes, self.rank
+        with _autocast_off(feats.device.type):
+            x = F.normalize(feats.to(dtype), dim=1)                                  # (B, d)
+            scores = F.linear(x, weight, bias)                                       # (B, C + C r)
+            logits = scores[:, :C] - half_alpha * (x * x).sum(1, keepdim=True)       # (B, C)
+            if r:
+                logits = logits + scores[:, C:].square().unflatten(1, (C, r)).sum(2)
+            return logits
+
+    def _current_inference_form(self, dtype: torch.dtype):
+        """The stored (weight, bias, half_alpha), checked (and rebuilt when stale) first. Under dynamo, which
+        cannot read version counters or storage addresses: torch.compile runs the check eagerly (a graph
+        break), strict torch.export takes the form built by eval() as it is."""
+        if torch.compiler.is_dynamo_compiling():
+            if torch.compiler.is_exporting():
+                if self._inference_weight is None or self._inference_weight.dtype != dtype:
+                    self._raise_out_of_date()
+                return self._inference_weight, self._inference_bias, self._inference_half_alpha
+            return self._checked_inference_form_eagerly(dtype)
+        return self._checked_inference_form(dtype)
+
+    def _checked_inference_form(self, dtype: torch.dtype):
+        """The stored form, rebuilt first when stale. A trace sees the tensors as constants (ONNX initialisers);
+        a stale form cannot be rebuilt inside a trace (the rebuild would be traced, factorisations included)."""
+        if not self._inference_form_is_fresh(dtype):
+            if _is_traced():
+                self._raise_out_of_date()
+            self._build_inference_form(dtype)
+        return self._inference_weight, self._inference_bias, self._inference_half_alpha
+
+    _checked_inference_form_eagerly = torch.compiler.disable(_checked_inference_form)
+
+    @staticmethod
+    def _raise_out_of_date():
+        raise ValueError(
+            "ZZZHead: the weights changed after model.eval() (or the input dtype differs from the weights'), so "
+            "the inference form is out of date inside this trace; call model.eval() right before exporting")
+
+    def _inference_form_is_fresh(self, dtype: torch.dtype) -> bool:
+        """Whether the stored form was built in `dtype` from the parameters as they are: the same tensors, on
+        the same storage (the build keeps that storage alive, so its address is not reused), with the same
+        version counters (no in-place write since). Under torch.export the module holds fake parameters:
+        the real ones recorded at build time are checked instead."""
+        key = self._inference_key
+        if key is None or key[:3] != (dtype, self.v_min, self.sigma2_min):
+            return False
+        recorded = key[3]
+        current = [p for p, _, _ in recorded] if torch.compiler.is_exporting() else list(self.parameters())
+        return len(current) == len(recorded) and all(
+            now is p and now.data_ptr() == storage.data_ptr() and now._version == version
+            for now, (p, storage, version) in zip(current, recorded))
+
+    def _build_inference_form(self, dtype: torch.dtype) -> None:
+        params = list(self.parameters())
+        # ordinary tensors even when called inside inference_mode (inference_mode(False) turns grad mode back on)
+        with torch.inference_mode(False), torch.no_grad(), _autocast_off(self.mu.device.type):
+            weight, bias, half_alpha = self.inference_form(dtype)
+        self._inference_weight, self._inference_bias, self._inference_half_alpha = weight, bias, half_alpha
+        self._inference_key = (dtype, self.v_min, self.sigma2_min, tuple((p, p.detach(), p._version) for p in params))
+
+    def _drop_inference_form(self) -> None:
+        for name in _INFERENCE_ATTRS:
+            setattr(self, name, None)
+
+    def _parameters_changed(self) -> None:
+        """Training mode (or meta parameters): drop the inference form. Eval mode: make sure it is up to date
+        now, so that an exporter, which cannot rebuild it inside its trace, finds it; in the parameters' compute
+        dtype, or float64 when the stored form is (float64 features on a float32 head)."""
+        if self.training or any(p.is_meta for p in self.parameters()):
+            self._drop_inference_form()
+            return
+        stored = self._inference_weight
+        dtype = _compute_dtype(self.mu.dtype, *([stored.dtype] if stored is not None else []))
+        if not self._inference_form_is_fresh(dtype):
+            self._build_inference_form(dtype)
+
+    def train(self, mode: bool = True) -> 'ZZZHead':
+        super().train(mode)
+        self._parameters_changed()
+        return self
+
+    def _apply(self, fn, recurse: bool = True) -> 'ZZZHead':
+        super()._apply(fn, recurse)
+        self._parameters_changed()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._parameters_changed()
+
+    def register_parameter(self, name: str, param) -> None:
+        super().register_parameter(name, param)
+        self._parameters_changed()
+
+    def __getstate__(self) -> dict:
+        """Pickling and deepcopy leave the inference form out: it is rebuilt from the parameters."""
+        return {**super().__getstate__(), **dict.fromkeys(_INFERENCE_ATTRS)}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__({**dict.fromkeys(_INFERENCE_ATTRS), **state})
+        self._parameters_changed()
+
+    def init_from_features(self, feats: torch.Tensor, labels: torch.Tensor, holdout=None, **kwargs) -> dict:
+        """Closed-form start on frozen features (N, d) with labels (N,): per-class probabilistic PCA plus one
+        temperature fitted on held-out features, written into mu, A, v_raw, sigma2_raw, bias in place.
+        See carrot_zzz.head_fit.fit_zzz_head for the formulas, the options and the returned dict."""
+        from .head_fit import fit_zzz_head
+        return fit_zzz_head(self, feats, labels, holdout, **kwargs)
