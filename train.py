@@ -11,6 +11,9 @@ with none of the carrot-zzz flags it trains the plain timm model. The flags this
                           division by --grad-accum-steps and the loss scaler
     --head-lr, --head-weight-decay    the classifier's own learning rate and weight decay
     --sampler pk --samples-per-class K    class-balanced batches of batch_size / K classes x K samples
+    --head-init data      the classifier starts from a closed-form fit to the backbone's features of the training
+                          split (ZZZ: per-class probabilistic PCA + a temperature; linear: a logistic-regression probe)
+    --holdout-fraction F  evaluate each epoch (and pick model_best) on a held-out part of the training split
     --overwrite           allow a new run into an experiment folder that holds one already
 
 The work is done by carrot_zzz.engine (one module per phase, see its docstring); this script holds the flag table
@@ -35,6 +38,7 @@ from carrot_zzz.engine.data import build_training_data
 from carrot_zzz.engine.errors import TrainingDiverged
 from carrot_zzz.engine.experiment import DEFAULT_OUTPUT, SummaryLog, open_experiment
 from carrot_zzz.engine.fit import attach_ema, continue_run, export_best_weights, fit, load_resume, resume_path
+from carrot_zzz.engine.head_init import HEAD_INITS, init_head_from_data
 from carrot_zzz.engine.loop import Trainer
 from carrot_zzz.engine.models import create_training_model
 from carrot_zzz.engine.optim import build_optimizer, build_scheduler, resolve_learning_rate
@@ -281,6 +285,10 @@ def _carrot_zzz_flags(p: argparse.ArgumentParser) -> None:
     add(g, '--head-weight-decay', None, 'classifier weight decay (default: --weight-decay)', float)
     add(g, '--sampler', 'random', 'batches: random (timm\'s) or pk (P classes x K samples)', choices=('random', 'pk'))
     add(g, '--samples-per-class', 4, 'K of --sampler pk', int)
+    add(g, '--head-init', 'default', 'classifier start: default (random, the design\'s) or data (closed-form fit '
+                                     'to the features of the training split)', choices=HEAD_INITS)
+    add(g, '--holdout-fraction', 0.0, 'evaluate and pick model_best on this fraction of each training class, held '
+                                      'out; the evaluation split is then left alone', float)
     add(g, '--overwrite', False, 'allow a new run into an experiment folder that holds one already')
 
 
@@ -344,6 +352,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[str]:
             optimizer, scaler = build_optimizer(task.get_trainable_module(), cfg), loss_scaler(precision)
             resume = resume_path(cfg)
             start, saved = load_resume(task, optimizer, scaler, cfg, resume) if resume else (0, {})
+            if cfg.head_init == 'data' and not resume:
+                init_head_from_data(model, cfg, data, precision, _logger)
             attach_ema(task, cfg, resume)
             compile_and_distribute(task, cfg, precision)
             ranked_by_loss = data.eval_loader is None or cfg.eval_metric == 'loss'

@@ -41,8 +41,10 @@ from carrot_zzz.cli import (add, add_dataset_reader_flags, add_input_flags, add_
                             parse_with_recipe, setting_errors, single_label_error)
 from carrot_zzz.engine.precision import fast_cuda_math, require_device, resolve_precision
 from carrot_zzz.engine.validation import (class_names, create_validation_model, open_eval_split, per_class_rows,
-                                          read_checkpoint, report, validation_loader, write_results, write_rows)
-from carrot_zzz.evaluate import predict
+                                          read_checkpoint, report, retrieval_fields, validation_loader, write_extras,
+                                          write_results, write_rows)
+from carrot_zzz.evaluate import logits_and_embedding, predict
+from carrot_zzz.reliability import require_plotting
 from carrot_zzz.model import HEAD_TYPES
 from carrot_zzz.zzz_head import ZZZHead
 
@@ -113,6 +115,11 @@ def _flags(p: argparse.ArgumentParser) -> None:
     add(g, '--ood-dataset', '', 'data set name of --ood-data-dir (default: image folder)', metavar='NAME')
     add(g, '--ood-split', None, 'split of --ood-data-dir (default: --split)', metavar='NAME')
     add(g, '--per-class-csv', '', 'write every class\'s accuracy and support here', metavar='FILENAME')
+    add(g, '--retrieval', False, 'also Recall@1/2/4/8, MAP@R and k-NN top-1 (k 1, 20) of the pooled embeddings')
+    add(g, '--save-embeddings', '', 'write embeddings, labels, logits (ZZZ: log-likelihoods) to this .safetensors',
+        metavar='FILE')
+    add(g, '--reliability-plot', '', 'draw the reliability diagram of the split into this .png (needs matplotlib)',
+        metavar='FILE')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +141,20 @@ def check_args(cfg: argparse.Namespace) -> None:
         fail(SCRIPT, error)
     if not cfg.dataset and not (cfg.data or cfg.data_dir):
         fail(SCRIPT, 'no data folder given; pass --data-dir DIR (an image folder, or the root of --dataset NAME)')
-    for flag, path in (('--results-file', cfg.results_file), ('--per-class-csv', cfg.per_class_csv)):
+    if cfg.save_embeddings and not cfg.save_embeddings.endswith('.safetensors'):
+        fail(SCRIPT, f'--save-embeddings {cfg.save_embeddings}: name a .safetensors file')
+    if cfg.reliability_plot and not cfg.reliability_plot.lower().endswith('.png'):
+        fail(SCRIPT, f'--reliability-plot {cfg.reliability_plot}: name a .png file')
+    if cfg.test_pool and (cfg.retrieval or cfg.save_embeddings):
+        fail(SCRIPT, '--test-pool pools at test time only in the classifier: embeddings are not defined with it; '
+                     'remove --test-pool or --retrieval / --save-embeddings')
+    if cfg.reliability_plot:
+        try:
+            require_plotting()
+        except ImportError as e:
+            fail(SCRIPT, f'--reliability-plot: {e}')
+    for flag, path in (('--results-file', cfg.results_file), ('--per-class-csv', cfg.per_class_csv),
+                       ('--save-embeddings', cfg.save_embeddings), ('--reliability-plot', cfg.reliability_plot)):
         if path and os.path.dirname(path) and not os.path.isdir(os.path.dirname(path)):
             fail(SCRIPT, f'{flag} {path}: its folder does not exist; create it or pass another path')
     for flag, path in (('--valid-labels', cfg.valid_labels), ('--real-labels', cfg.real_labels)):
@@ -210,8 +230,10 @@ def validate(cfg: argparse.Namespace) -> OrderedDict:
                          f'image folder); {cfg.dataset or "this data set"} does not: remove --real-labels')
         real = RealLabelsImagenet(dataset.filenames(basename=True), real_json=cfg.real_labels)
     score = dict(channels_last=cfg.channels_last, class_subset=subset, bias=bias)
+    embeds = cfg.retrieval or bool(cfg.save_embeddings)
     scores = predict(model, validation_loader(cfg, dataset, data_config, crop_pct, precision, raw), precision,
-                     on_logits=real.add_result if real else None, log_every=cfg.log_freq, **score)
+                     on_logits=real.add_result if real else None, log_every=cfg.log_freq, keep_logits=embeds,
+                     forward=logits_and_embedding(model) if embeds else None, **score)
     if not scores:
         fail(SCRIPT, f'split {cfg.split!r} at {root} holds no samples; check --data-dir / --dataset / --split')
     ood = None
@@ -223,7 +245,10 @@ def validate(cfg: argparse.Namespace) -> OrderedDict:
     real_top = {k: real.get_accuracy(k=k) for k in (1, 5)} if real else None
     results = report(cfg, scores, classes, param_count, data_config, crop_pct, ood, real_top,
                      _sklearn_metrics(cfg, scores))
+    if cfg.retrieval:
+        results.update(retrieval_fields(scores))
     _log_results(cfg, results, len(scores['target']), len(ood['target']) if ood else 0)
+    write_extras(cfg, scores, bias, class_names(dataset, classes), results)
     if cfg.per_class_csv:
         write_rows(cfg.per_class_csv, per_class_rows(scores, class_names(dataset, classes)))
         _logger.info(f'Per-class accuracy written to {cfg.per_class_csv}')
@@ -239,6 +264,10 @@ def _log_results(cfg, results, samples: int, ood_samples: int) -> None:
                      f'{results[f"{avg}_recall"]:.3f} | F1-score({avg}) {results[f"{avg}_f1_score"]:.3f}')
     _logger.info(f' * Mean class acc {results["mean_class_acc"]:.3f} NLL {results["nll"]:.4f} '
                  f'ECE {results["ece"]:.3f} ({samples} samples)')
+    if 'map@r' in results:
+        recalls = ' '.join(f'R@{k.split("@")[1]} {v:.3f}' for k, v in results.items() if k.startswith('recall@'))
+        _logger.info(f' * Retrieval {recalls} MAP@R {results["map@r"]:.3f} k-NN top-1 (k=1) '
+                     f'{results["knn1_top1"]:.3f} (k=20) {results["knn20_top1"]:.3f}')
     for tag, what in (('msp', 'max softmax prob'), ('ll', 'max class log-likelihood')):
         if f'ood_auroc_{tag}' in results:
             _logger.info(f' * OOD ({what}) AUROC {results[f"ood_auroc_{tag}"]:.3f} '

@@ -10,7 +10,7 @@ those of the whole split, exactly.
 """
 import logging
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,7 @@ from .distributed import is_distributed
 from .engine.precision import Precision
 from .metrics import sample_scores, split_metrics
 
-__all__ = ['predict', 'epoch_metrics', 'split_metrics']
+__all__ = ['predict', 'epoch_metrics', 'split_metrics', 'logits_and_embedding']
 
 _logger = logging.getLogger(__name__)
 
@@ -45,6 +45,19 @@ def _gather_in_dataset_order(values: torch.Tensor, length: int) -> torch.Tensor:
     return stacked.flatten(0, 1)[:length]
 
 
+def logits_and_embedding(model: nn.Module) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+    """images -> (logits (B, C), pooled embedding (B, D)) in one backbone pass, through timm's model API:
+    forward_features, then forward_head with and without pre_logits (eval mode: the two heads see the same
+    features). DataParallel / torch.compile wrappers are looked through."""
+    model = getattr(model, 'module', model)
+    model = getattr(model, '_orig_mod', model)
+
+    def forward(images: torch.Tensor):
+        features = model.forward_features(images)
+        return model.forward_head(features), model.forward_head(features, pre_logits=True)
+    return forward
+
+
 @torch.inference_mode()
 def predict(
         model: nn.Module,
@@ -55,6 +68,8 @@ def predict(
         bias: Optional[torch.Tensor] = None,
         on_logits: Optional[Callable[[torch.Tensor], None]] = None,
         tta: int = 0,
+        forward: Optional[Callable] = None,
+        keep_logits: bool = False,
         log_every: int = 0,
         log_name: str = 'Test',
         dataset_length: Optional[int] = None,
@@ -63,8 +78,10 @@ def predict(
 
     class_subset: keep these logit columns (the labels index into them). bias: the ZZZ head's bias (C,); then
     max_ll (N,) = max_c (logit_c - bias_c), the largest class log-likelihood. on_logits(logits) sees every batch.
-    tta > 1: each group of tta consecutive inputs is one sample, its logits averaged. log_every: a progress line
-    every so many batches (the only host syncs). dataset_length: the split's size, to drop DDP padding.
+    tta > 1: each group of tta consecutive inputs is one sample, its logits averaged. forward(images): logits, or
+    (logits, embedding) to keep the embeddings too (`embedding` (N, D) float32; see logits_and_embedding); default
+    model(images). keep_logits: keep `logits` (N, C) float32 too. log_every: a progress line every so many batches
+    (the only host syncs). dataset_length: the split's size, to drop DDP padding.
     """
     model.eval()
     if bias is not None and class_subset is not None:
@@ -77,8 +94,9 @@ def predict(
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with precision.autocast():
-            logits = model(images)
-        logits = (logits[0] if isinstance(logits, (tuple, list)) else logits).float()
+            out = forward(images) if forward is not None else model(images)
+        embedding = out[1].float() if forward is not None and isinstance(out, tuple) else None
+        logits = (out[0] if isinstance(out, (tuple, list)) else out).float()
         if tta > 1:
             logits, target = logits.unflatten(0, (-1, tta)).mean(1), target[::tta]
         if class_subset is not None:
@@ -88,6 +106,10 @@ def predict(
         batch = sample_scores(logits, target)
         if bias is not None:
             batch['max_ll'] = (logits - bias.to(logits)).max(1).values
+        if embedding is not None:
+            batch['embedding'] = embedding
+        if keep_logits:
+            batch['logits'] = logits
         for key, value in batch.items():
             kept.setdefault(key, []).append(value)
         samples += logits.shape[0]

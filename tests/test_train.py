@@ -498,3 +498,71 @@ def test_bad_recipe_file_stops_with_one_line(tmp_path):
     assert train.parse_args(['-c', str(recipe), '--data-dir', ROOT])[0].samples_per_class == 8
     args = validate.parse_args(['-c', str(recipe)])           # training-only keys (epochs) are skipped
     assert args.model == 'test_vit' and not hasattr(args, 'epochs')
+
+
+# ------------------------------------------------------------------------------------------------------------
+# --holdout-fraction and --head-init data
+# ------------------------------------------------------------------------------------------------------------
+
+def test_holdout_replaces_the_evaluation_split(data_dir, tmp_path, caplog):
+    """The evaluation after each epoch uses a held-out part of the training split; the evaluation split is not
+    even opened (here it does not exist)."""
+    caplog.set_level(logging.INFO)
+    out = run(data_dir, tmp_path, 'held', '--holdout-fraction', '0.25', '--val-split', 'no_such_split', epochs=1)
+    assert any('Evaluating on 16 of the 64 training samples' in r.message for r in caplog.records)
+    assert 0.0 <= float(read_summary(out)[0]['eval_top1']) <= 100.0
+
+
+def _built(data_dir, tmp_path, *flags):
+    """What train.main builds before the epochs: settings, precision, model and data of a run."""
+    from carrot_zzz.engine.data import build_training_data
+    from carrot_zzz.engine.models import create_training_model
+    from carrot_zzz.engine.process import place_model, start_process
+    cfg, _ = train.parse_args([data_dir, *BASE, '--output', str(tmp_path), '--experiment', 'e', *flags])
+    precision = start_process(cfg)
+    model = place_model(create_training_model(cfg), cfg, precision)
+    return cfg, precision, model, build_training_data(cfg, model, precision)
+
+
+@pytest.mark.parametrize('head', ['zzz', 'linear'])
+@pytest.mark.parametrize('holdout', ['0', '0.25'])
+def test_head_init_fits_the_features_of_the_training_split(data_dir, tmp_path, head, holdout, monkeypatch):
+    """--head-init data: the head is fitted to the backbone's pooled embeddings of the training samples, one by
+    one through the evaluation transform (computed here naively), with the held-out part as the ZZZ temperature's
+    data; the result equals the fit called directly on those features."""
+    import copy
+    from carrot_zzz import ZZZHead
+    from carrot_zzz.engine.head_init import init_head_from_data
+    from carrot_zzz.head_fit import fit_linear_head
+    flags = ('--head', head, *(('--zzz-rank', '2') if head == 'zzz' else ()), '--holdout-fraction', holdout,
+             '--no-prefetcher')                                   # the data set's transform normalises
+    cfg, precision, model, data = _built(data_dir, tmp_path, *flags)
+    fresh = copy.deepcopy(model.get_classifier())
+    init_head_from_data(model, cfg, data, precision, logging.getLogger('test'))
+    model.eval()
+
+    def naive(dataset):
+        with torch.no_grad():
+            rows = [(model.forward_head(model.forward_features(dataset[i][0][None]), pre_logits=True)[0],
+                     dataset[i][1]) for i in range(len(dataset))]
+        return torch.stack([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+
+    feats, labels = naive(data.fit_view)
+    assert len(labels) == (48 if holdout == '0.25' else 64)
+    if isinstance(fresh, ZZZHead):
+        held = naive(data.eval_dataset) if holdout != '0' else None
+        fresh.init_from_features(feats, labels, holdout=held)
+    else:
+        fit_linear_head(fresh, feats, labels)
+    for (name, got), want in zip(model.get_classifier().state_dict().items(), fresh.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_head_init_runs_once_not_on_resume(data_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    flags = ('--head', 'zzz', '--zzz-rank', '2', '--head-init', 'data', '--resume', 'auto')
+    run(data_dir, tmp_path, 'once', *flags, '--stop-epoch', '1', epochs=2)
+    assert sum('Head fitted to the data' in r.message for r in caplog.records) == 1
+    caplog.clear()
+    run(data_dir, tmp_path, 'once', *flags, epochs=2)
+    assert not any('Head fitted to the data' in r.message for r in caplog.records)

@@ -170,3 +170,39 @@ def test_model_kwargs_that_agree_with_the_checkpoint(ckpts, tmp_path, kind, capl
         validate.main(COMMON + ['--model', 'test_resnet_zzz', '--model-kwargs', 'zzz_rank=8', '--checkpoint', path])
     with pytest.raises(SystemExit, match=r'--zzz-rank 8: the checkpoint .* has 4 \(as its ZZZ rank\)'):
         validate.main(COMMON + ['--model', 'test_resnet_zzz', '--zzz-rank', '8', '--checkpoint', path])
+
+
+def test_retrieval_embeddings_out_and_reliability_plot(ckpts, tmp_path):
+    """--save-embeddings writes what the model computes (the head applied to the saved embeddings gives the saved
+    logits; log-likelihoods are the logits without the bias); --retrieval reports carrot_zzz.retrieval on those
+    embeddings (in %); --reliability-plot draws a PNG."""
+    from carrot_zzz.embeddings import load_embeddings
+    from carrot_zzz.retrieval import retrieval_metrics
+    out, png = tmp_path / 'emb.safetensors', tmp_path / 'rel.png'
+    r = validate.main(COMMON + ['--model', 'test_resnet_zzz', '--checkpoint', ckpts['zzz_pth'], '--retrieval',
+                                '--save-embeddings', str(out), '--reliability-plot', str(png)])
+    saved = load_embeddings(out)
+    emb, logits = saved['embeddings'], saved['logits']
+    assert emb.shape[0] == logits.shape[0] == 1000 and logits.shape[1] == 10
+    assert saved['class_names'][:2] == ['T-shirt/top', 'Trouser']
+    model = timm.create_model('test_resnet_zzz', num_classes=10, zzz_rank=4)
+    model.load_state_dict(torch.load(ckpts['zzz_pth'], weights_only=True)['state_dict'])
+    head = model.get_classifier().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(head(emb), logits, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(saved['log_likelihoods'], logits - head.bias.detach(), rtol=0, atol=1e-3)
+    expected = retrieval_metrics(emb, saved['labels'])
+    assert {k: r[k] for k in expected} == pytest.approx({k: 100 * v for k, v in expected.items()}, abs=1e-3)
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    for flags, message in ((['--save-embeddings', str(tmp_path / 'e.pt')], 'name a .safetensors file'),
+                           (['--reliability-plot', str(tmp_path / 'r.jpg')], 'name a .png file'),
+                           (['--retrieval', '--test-pool'], '--test-pool pools at test time only')):
+        with pytest.raises(SystemExit, match=message):
+            validate.main(COMMON + ['--model', 'test_resnet', '--checkpoint', ckpts['plain_pth'], *flags])
+
+
+def test_reliability_plot_without_matplotlib_is_one_line(ckpts, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'matplotlib.figure', None)          # as if matplotlib were not installed
+    with pytest.raises(SystemExit, match=r'--reliability-plot: plotting needs matplotlib: pip install "carrot-zzz\[plot\]"'):
+        validate.main(COMMON + ['--model', 'test_resnet', '--checkpoint', ckpts['plain_pth'],
+                                '--reliability-plot', str(tmp_path / 'r.png')])

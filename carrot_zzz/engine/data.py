@@ -3,6 +3,11 @@
     data = build_training_data(cfg, model, precision)
     data.train_loader, data.eval_loader, data.mixup_fn, data.soft_targets, data.data_config
 
+With holdout_fraction > 0 the evaluation after each epoch (and so model_best) uses a class-stratified, seeded part
+of the training split (carrot_zzz.data.holdout) seen through the evaluation transform, and the official evaluation
+split is not read at all: it stays for validate.py. `fit_view` is the training part seen through the evaluation
+transform (what a closed-form head fit reads), made on demand.
+
 Built on timm.data (create_dataset through carrot_zzz.data, resolve_data_config, create_loader, Mixup /
 FastCollateMixup, AugMixDataset); with sampler='pk' the training loader draws its batches from
 carrot_zzz.sampler.PKBatchSampler and keeps everything else of timm's loader (workers, collate, prefetcher).
@@ -18,12 +23,13 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..data import create_dataset
+from ..data.holdout import Part, stratified_holdout
 from ..sampler import PKBatchSampler, dataset_targets
 from .errors import SettingError
 from .precision import Precision
 
 __all__ = ['TrainingData', 'build_training_data', 'open_split', 'check_label_range', 'set_loader_epoch',
-           'inner_loader']
+           'inner_loader', 'training_part_for_eval', 'eval_loader']
 
 _logger = logging.getLogger(__name__)
 
@@ -54,6 +60,8 @@ class TrainingData:
     aug_splits: int
     train_targets: Optional[List[int]]
     eval_dataset: Optional[Any]
+    fit_view: Optional[Any] = None          # the training samples through the evaluation transform (head fit)
+    holdout: bool = False                   # eval_dataset is a held-out part of the training split
 
 
 def open_split(cfg: argparse.Namespace, split: str, training: bool, input_img_mode: str, **extra) -> Any:
@@ -135,7 +143,8 @@ def _train_loader(cfg, dataset, data_config, precision, collate_fn, aug_splits) 
     return loader
 
 
-def _eval_loader(cfg, dataset, data_config, precision) -> Any:
+def eval_loader(cfg, dataset, data_config, precision) -> Any:
+    """timm's evaluation loader (no augmentation, centre crop) over `dataset`."""
     workers = cfg.workers
     if cfg.distributed and any(kind in cfg.dataset for kind in ('tfds', 'wds')):
         workers = min(2, workers)          # streaming readers split their shards over fewer workers
@@ -156,14 +165,42 @@ def _mixup(cfg: argparse.Namespace, aug_splits: int):
     return FastCollateMixup(**kwargs), None, True
 
 
+def _held_out(cfg: argparse.Namespace, train_set, img_mode: str):
+    """(training part, held-out part, training part through the evaluation transform) of the training split."""
+    targets = dataset_targets(train_set)
+    if targets is None:
+        raise SettingError('holdout_fraction', cfg.holdout_fraction, f'needs the labels of the training set, which '
+                                                                     f'{type(train_set).__name__} does not expose')
+    kept, held = stratified_holdout(targets, cfg.holdout_fraction, cfg.seed)
+    if held.numel() == 0:
+        raise SettingError('holdout_fraction', cfg.holdout_fraction, 'holds out no sample (too few per class); raise '
+                                                                     'it or pass 0')
+    seen_as_eval = open_split(cfg, cfg.train_split, False, img_mode)
+    _logger.info(f'Evaluating on {held.numel()} of the {len(targets)} training samples, held out per class '
+                 f'(holdout_fraction {cfg.holdout_fraction}); the {cfg.val_split or "evaluation"} split is not read')
+    return Part(train_set, kept, targets), Part(seen_as_eval, held, targets), Part(seen_as_eval, kept, targets)
+
+
+def training_part_for_eval(cfg: argparse.Namespace, data: TrainingData):
+    """data.fit_view, made on first use: the training split without augmentation (held-out samples left out)."""
+    if data.fit_view is None:
+        img_mode = cfg.input_img_mode or ('RGB' if data.data_config['input_size'][0] == 3 else 'L')
+        data.fit_view = open_split(cfg, cfg.train_split, False, img_mode)
+    return data.fit_view
+
+
 def build_training_data(cfg: argparse.Namespace, model: nn.Module, precision: Precision) -> TrainingData:
     """Data sets and loaders of a training run (see module doc); SettingError for unreadable data or labels."""
     data_config = resolve_data_config(vars(cfg), model=model, verbose=cfg.rank == 0)
     img_mode = cfg.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
     train_set = open_split(cfg, cfg.train_split, True, img_mode, seed=cfg.seed, repeats=cfg.epoch_repeats,
                            num_samples=cfg.train_num_samples)
-    eval_set = open_split(cfg, cfg.val_split, False, img_mode, num_samples=cfg.val_num_samples) \
-        if cfg.val_split else None
+    fit_view = None
+    if cfg.holdout_fraction:
+        train_set, eval_set, fit_view = _held_out(cfg, train_set, img_mode)
+    else:
+        eval_set = open_split(cfg, cfg.val_split, False, img_mode, num_samples=cfg.val_num_samples) \
+            if cfg.val_split else None
     train_targets = dataset_targets(train_set)
     check_label_range(train_targets, cfg.num_classes, 'training')
     if eval_set is not None:
@@ -173,6 +210,6 @@ def build_training_data(cfg: argparse.Namespace, model: nn.Module, precision: Pr
         train_set = AugMixDataset(train_set, num_splits=cfg.aug_splits)
     return TrainingData(
         train_loader=_train_loader(cfg, train_set, data_config, precision, collate_fn, cfg.aug_splits),
-        eval_loader=_eval_loader(cfg, eval_set, data_config, precision) if eval_set is not None else None,
+        eval_loader=eval_loader(cfg, eval_set, data_config, precision) if eval_set is not None else None,
         data_config=data_config, mixup_fn=mixup_fn, soft_targets=soft_targets, aug_splits=cfg.aug_splits,
-        train_targets=train_targets, eval_dataset=eval_set)
+        train_targets=train_targets, eval_dataset=eval_set, fit_view=fit_view, holdout=bool(cfg.holdout_fraction))

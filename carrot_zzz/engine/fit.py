@@ -8,6 +8,7 @@ then the best weights as safetensors. Plus resuming, which sets where the epochs
 import logging
 import math
 import os
+import time
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -127,7 +128,9 @@ def fit(trainer: Trainer, start_epoch: int, end_epoch: int, summary: Optional[Su
     try:
         for epoch in range(start_epoch, end_epoch):
             set_loader_epoch(trainer.data.train_loader, epoch)
+            began = time.time()
             train = trainer.train_epoch(epoch)
+            _logger.info(f'Epoch {epoch} trained in {time.time() - began:.1f}s')
             if cfg.distributed and cfg.dist_bn in ('broadcast', 'reduce'):
                 distribute_bn(trainer.task.get_trainable_module(), cfg.world_size, cfg.dist_bn == 'reduce')
             done = epoch + 1

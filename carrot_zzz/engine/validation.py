@@ -22,6 +22,9 @@ from timm.data import create_loader
 from torch import nn
 
 from ..data import create_dataset
+from ..embeddings import save_embeddings
+from ..reliability import plot_reliability, reliability_bins
+from ..retrieval import retrieval_metrics
 from ..metrics import auroc, fpr_at_tpr, per_class_accuracy, split_metrics
 from ..registry import is_zzz_name, zzz_name
 from ..weights import describe_checkpoint, fit_state_dict, read_weights
@@ -30,7 +33,8 @@ from .models import merge_model_kwargs
 from .precision import Precision, input_channels
 
 __all__ = ['read_checkpoint', 'model_spec', 'create_validation_model', 'open_eval_split', 'validation_loader',
-           'class_names', 'report', 'per_class_rows', 'write_rows', 'write_results']
+           'class_names', 'report', 'retrieval_fields', 'write_extras', 'per_class_rows', 'write_rows',
+           'write_results']
 
 _logger = logging.getLogger(__name__)
 
@@ -170,6 +174,28 @@ def report(cfg: argparse.Namespace, scores: Dict[str, torch.Tensor], num_classes
     if ood:
         fields.update(_ood_fields(scores, ood))
     return fields
+
+
+def retrieval_fields(scores: Dict[str, torch.Tensor]) -> 'OrderedDict':
+    """Recall@1/2/4/8, MAP@R and k-NN top-1 (k = 1, 20), in %, of the split's embeddings (carrot_zzz.retrieval)."""
+    found = retrieval_metrics(scores['embedding'], scores['target'])
+    return OrderedDict((key, round(100 * value, 4)) for key, value in found.items())
+
+
+def write_extras(cfg: argparse.Namespace, scores: Dict[str, torch.Tensor], bias: Optional[torch.Tensor],
+                 names: List[str], results: Dict[str, Any]) -> None:
+    """--save-embeddings (embeddings, labels, logits, ZZZ log-likelihoods = logits - bias, class names) and
+    --reliability-plot (the split's reliability diagram, its ECE in the title)."""
+    if cfg.save_embeddings:
+        logits = scores['logits']
+        save_embeddings(cfg.save_embeddings, scores['embedding'], scores['target'], logits,
+                        log_likelihoods=logits - bias[:logits.shape[1]].to(logits) if bias is not None else None,
+                        class_names=names)
+        _logger.info(f'Embeddings of {len(logits)} samples written to {cfg.save_embeddings}')
+    if cfg.reliability_plot:
+        bins = reliability_bins(scores['conf'], scores['hit1'])
+        plot_reliability(bins, cfg.reliability_plot, title=f'{cfg.model}, {cfg.split} ({len(scores["conf"])} samples)')
+        _logger.info(f'Reliability diagram (ECE {results["ece"]:.2f}%) drawn to {cfg.reliability_plot}')
 
 
 def per_class_rows(scores: Dict[str, torch.Tensor], names: List[str]) -> List[Dict[str, Any]]:
