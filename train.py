@@ -35,7 +35,7 @@ from carrot_zzz.cli import (add, add_dataset_reader_flags, add_input_flags, add_
                             flag_name, flag_text, parse_with_recipe, setting_errors, single_label_error)
 from carrot_zzz.engine.checkpoints import CheckpointKeeper
 from carrot_zzz.engine.data import build_training_data
-from carrot_zzz.engine.errors import TrainingDiverged
+from carrot_zzz.engine.errors import CheckpointWriteError, TrainingDiverged
 from carrot_zzz.engine.experiment import DEFAULT_OUTPUT, SummaryLog, open_experiment
 from carrot_zzz.engine.fit import attach_ema, continue_run, export_best_weights, fit, load_resume, resume_path
 from carrot_zzz.engine.head_init import HEAD_INITS, init_head_from_data
@@ -289,6 +289,7 @@ def _carrot_zzz_flags(p: argparse.ArgumentParser) -> None:
                                      'to the features of the training split)', choices=HEAD_INITS)
     add(g, '--holdout-fraction', 0.0, 'evaluate and pick model_best on this fraction of each training class, held '
                                       'out; the evaluation split is then left alone', float)
+    add(g, '--skip-bad-images', False, 'leave out missing, empty or truncated image files instead of stopping')
     add(g, '--overwrite', False, 'allow a new run into an experiment folder that holds one already')
 
 
@@ -341,6 +342,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[str]:
     setup_default_logging()
     cfg, cfg_text = parse_args(argv)
     parser = build_parser()
+    folder = lock = keeper = summary = None
     try:
         with setting_errors(SCRIPT, parser):
             precision = start_process(cfg)
@@ -360,7 +362,6 @@ def main(argv: Optional[List[str]] = None) -> Optional[str]:
             updates = -(-len(data.train_loader) // cfg.grad_accum_steps)
             scheduler, epochs = build_scheduler(optimizer, cfg, updates, decreasing_metric=ranked_by_loss)
             name = experiment_name(cfg, data.data_config['input_size'][-1])
-            folder = lock = keeper = summary = None
             if cfg.rank == 0:
                 folder, lock = open_experiment(cfg.output or DEFAULT_OUTPUT, name, cfg_text, bool(resume),
                                                 cfg.overwrite)
@@ -375,10 +376,9 @@ def main(argv: Optional[List[str]] = None) -> Optional[str]:
             trainer = Trainer(cfg, task, optimizer, scheduler, scaler, precision, data, keeper, folder)
             continue_run(trainer, saved, start, same_folder)
             results = fit(trainer, start, min(epochs, cfg.stop_epoch or epochs), summary, _wandb(cfg, name))
-    except TrainingDiverged as e:
-        fail(SCRIPT, flag_text(str(e), [a.dest for a in parser._actions]))
-    try:
         return _finish(cfg, trainer, folder, results)
+    except (TrainingDiverged, CheckpointWriteError) as e:
+        fail(SCRIPT, flag_text(str(e), [a.dest for a in parser._actions]))
     finally:
         if lock is not None:
             lock.release()

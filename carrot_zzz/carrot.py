@@ -116,7 +116,9 @@ def carrot_regularizer(
             torch._assert_async(
                 (counts.max() <= group_size) & (gid_sorted[-1] < num_groups),
                 'carrot: the batch has more classes than max_classes or more samples of a class than '
-                'max_per_class; pass bounds that hold for every batch, or none')
+                'max_per_class. Under a P x K sampler the loader handed over other samples than it was asked for: '
+                'timm\'s image readers replace an image that fails to load by the next sample, possibly of another '
+                'class. Check the image files (train.py does, up front), or pass no bounds')
         counts = F.pad(counts, (0, max(num_groups - batch_size, 0)))[:num_groups]  # (G,) samples per class
         start = torch.cumsum(counts, 0).long() - counts.long()
         pos_sorted = torch.arange(batch_size, device=z.device) - start.index_select(0, gid_sorted)

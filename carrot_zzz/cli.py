@@ -102,10 +102,12 @@ def _value_text(value: Any) -> str:
 
 
 def flag_text(message: str, dests: Sequence[str]) -> str:
-    """A library message with its argument names as flags: `name=value` -> `--name value` for every dest, and a
-    bare `name_with_underscore` -> `--name-with-underscore` (plain words like 'model', and quoted names, stay)."""
+    """A library message with its argument names as flags: `name=value` -> `--name value` and a name in backticks
+    -> `--name` for every dest, and a bare `name_with_underscore` -> `--name-with-underscore` (plain words like
+    'model', and quoted names, stay words)."""
     known = '|'.join(sorted((re.escape(d) for d in dests), key=len, reverse=True))
     message = re.sub(rf'\b({known})=', lambda m: flag_name(m.group(1)) + ' ', message)
+    message = re.sub(rf'`({known})`', lambda m: flag_name(m.group(1)), message)
     compound = '|'.join(sorted((re.escape(d) for d in dests if '_' in d), key=len, reverse=True))
     if compound:
         message = re.sub(rf'(?<![-\w\'"])({compound})\b', lambda m: flag_name(m.group(1)), message)
@@ -119,7 +121,8 @@ def setting_errors(script: str, parser: argparse.ArgumentParser) -> Iterator[Non
         yield
     except SettingError as e:
         dests = [a.dest for a in parser._actions]
-        shown = flag_name(e.setting) if e.value in (None, True) else f'{flag_name(e.setting)} {_value_text(e.value)}'
+        shown = flag_name(e.setting) if e.value is None or e.value is True else \
+            f'{flag_name(e.setting)} {_value_text(e.value)}'
         fail(script, f'{shown}: {flag_text(e.message, dests)}')
 
 

@@ -139,7 +139,7 @@ def split_metrics(scores: Dict[str, torch.Tensor], num_classes: int, n_bins: int
     return dict(
         top1=scores['hit1'].double().mean().item(), top5=scores['hitk'].double().mean().item(),
         mean_class_acc=acc[support > 0].mean().item(), nll=scores['nll'].double().mean().item(),
-        ece=ece(scores['conf'], scores['hit1'], n_bins))
+        ece=ece(scores['conf'], scores['hit1'], n_bins) if torch.isfinite(scores['conf']).all() else math.nan)
 
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> Dict[str, float]:

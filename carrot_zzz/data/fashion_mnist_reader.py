@@ -94,6 +94,8 @@ class FashionMNIST(ImageListDataset):
     split: 'train', or 'val' / 'validation' / 'test' (the official t10k test set).
     """
 
+    files_on_disk = False          # the sample names label arrays read from the idx files
+
     def __init__(self, root: Optional[str] = None, split: str = 'train', input_img_mode: str = 'RGB', transform=None):
         images, labels = load_split(root, split)
         super().__init__(

@@ -52,7 +52,10 @@ class ImageListDataset(torch.utils.data.Dataset):
     samples: [(path, label)] with labels in [0, len(classes)); classes: class names in label order.
     input_img_mode: PIL mode of the returned images ('RGB', 'L', ...; None keeps the file's).
     transform / target_transform: applied to image / label (timm's create_loader sets `transform`).
+    `files_on_disk`: the sample paths are files (False where a subclass keeps the images in memory).
     """
+
+    files_on_disk = True
 
     def __init__(self, samples: List[Tuple[str, int]], classes: Sequence[str], input_img_mode: Optional[str] = 'RGB',
                  transform: Optional[Callable] = None, target_transform: Optional[Callable] = None):

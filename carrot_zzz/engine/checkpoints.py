@@ -16,15 +16,17 @@ import logging
 import math
 import os
 import random
-from typing import Any, Dict, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from ..weights import load_checkpoint_file
 from ..files import atomic_link, atomic_write
+from ..weights import load_checkpoint_file
+from .errors import CheckpointWriteError
 
-__all__ = ['CheckpointKeeper', 'rng_state', 'set_rng_state', 'plain', 'CHECKPOINT_SUFFIX']
+__all__ = ['CheckpointKeeper', 'rng_state', 'set_rng_state', 'plain', 'writing', 'CHECKPOINT_SUFFIX']
 
 _logger = logging.getLogger(__name__)
 
@@ -55,6 +57,18 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     kind, keys, *rest = state['numpy']
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     random.setstate(state['python'])
+
+
+@contextmanager
+def writing(what: str, folder: str) -> Iterator[None]:
+    """Inside: an OSError or torch's RuntimeError of a failed write (a full disk shows as 'unexpected pos') becomes
+    one CheckpointWriteError; the atomic writes have already removed their temporary file."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:200]
+        raise CheckpointWriteError(f'cannot write {what} in {folder} ({reason}); the files written before are kept '
+                                   f'and no partial file is left: free space, or pass another output') from e
 
 
 def _ranked(metric: Optional[float]) -> bool:
@@ -121,27 +135,30 @@ class CheckpointKeeper:
         if _ranked(metric):
             state['metric'] = float(metric)
         last = self.path('last')
-        atomic_write(last, lambda f: torch.save(state, f))
-        if kept:
-            atomic_link(last, self._epoch_file(epoch))
-        for gone, _ in self.history:
-            if gone not in {e for e, _ in history} and os.path.exists(self._epoch_file(gone)):
-                os.unlink(self._epoch_file(gone))
-        if best is not None and best != self.best:
-            atomic_link(last, self.path('model_best'))
+        with writing(f'the checkpoint of epoch {epoch}', self.folder):
+            atomic_write(last, lambda f: torch.save(state, f))
+            if kept:
+                atomic_link(last, self._epoch_file(epoch))
+            for gone, _ in self.history:
+                if gone not in {e for e, _ in history} and os.path.exists(self._epoch_file(gone)):
+                    os.unlink(self._epoch_file(gone))
+            if best is not None and best != self.best:
+                atomic_link(last, self.path('model_best'))
         self.history, self.best = history, best
         return best
 
     def milestone(self, completed_epochs: int) -> str:
         """milestone-<N>.pth.tar: a link to last.pth.tar, outside the ranking."""
         path = self.path(f'milestone-{completed_epochs}')
-        atomic_link(self.path('last'), path)
+        with writing(os.path.basename(path), self.folder):
+            atomic_link(self.path('last'), path)
         return path
 
     def recovery(self, state: Dict[str, Any], epoch: int, update: int) -> str:
         """recovery-<epoch>-<update>.pth.tar; the one before the previous is removed."""
         path = self.path(f'recovery-{epoch}-{update}')
-        atomic_write(path, lambda f: torch.save({**state, 'epoch': epoch}, f))
+        with writing(os.path.basename(path), self.folder):
+            atomic_write(path, lambda f: torch.save({**state, 'epoch': epoch}, f))
         self.recoveries.append(path)
         while len(self.recoveries) > 2:
             old = self.recoveries.pop(0)

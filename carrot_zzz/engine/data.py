@@ -14,7 +14,8 @@ carrot_zzz.sampler.PKBatchSampler and keeps everything else of timm's loader (wo
 """
 import argparse
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader, resolve_data_config
@@ -24,12 +25,13 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ..data import create_dataset
 from ..data.holdout import Part, stratified_holdout
+from ..data.image_check import drop_samples, unreadable_images
 from ..sampler import PKBatchSampler, dataset_targets
 from .errors import SettingError
 from .precision import Precision
 
 __all__ = ['TrainingData', 'build_training_data', 'open_split', 'check_label_range', 'set_loader_epoch',
-           'inner_loader', 'training_part_for_eval', 'eval_loader']
+           'inner_loader', 'training_part_for_eval', 'eval_loader', 'check_images', 'check_class_maps']
 
 _logger = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class TrainingData:
     eval_dataset: Optional[Any]
     fit_view: Optional[Any] = None          # the training samples through the evaluation transform (head fit)
     holdout: bool = False                   # eval_dataset is a held-out part of the training split
+    bad_train_images: List = field(default_factory=list)   # (path, reason) left out by skip_bad_images
 
 
 def open_split(cfg: argparse.Namespace, split: str, training: bool, input_img_mode: str, **extra) -> Any:
@@ -80,6 +83,48 @@ def open_split(cfg: argparse.Namespace, split: str, training: bool, input_img_mo
     if not isinstance(dataset, IterableDataset) and len(dataset) == 0:
         raise SettingError(setting, split, f'holds no samples at {cfg.data_dir}; check data_dir and {setting}')
     return dataset
+
+
+def check_images(cfg: argparse.Namespace, dataset, split: str) -> List:
+    """Stop on missing, empty, unreadable or truncated image files of a split (carrot_zzz.data.image_check), naming
+    the first few; with skip_bad_images leave them out instead (a warning counts them). Returns the bad files."""
+    began = time.time()
+    bad = unreadable_images(dataset)
+    _logger.info(f'Checked the image files of split {split!r} in {time.time() - began:.1f}s: {len(bad)} unreadable')
+    if not bad:
+        return bad
+    shown = '; '.join(f'{path} ({why})' for path, why in bad[:3]) + (f'; {len(bad) - 3} more' if len(bad) > 3 else '')
+    if not cfg.skip_bad_images:
+        raise SettingError('data_dir', cfg.data_dir, f'{len(bad)} unreadable images in split {split!r}: {shown}; '
+                                                     f'replace them, or leave them out with skip_bad_images')
+    drop_samples(dataset, bad)
+    _logger.warning(f'Left out {len(bad)} unreadable images of split {split!r} (skip_bad_images): {shown}')
+    if len(dataset) == 0:
+        raise SettingError('data_dir', cfg.data_dir, f'split {split!r} holds no readable image')
+    return bad
+
+
+def _training_split_for_eval(cfg: argparse.Namespace, img_mode: str, bad: List):
+    """The training split again, through the evaluation transform, without the files check_images left out."""
+    dataset = open_split(cfg, cfg.train_split, False, img_mode)
+    if bad:
+        drop_samples(dataset, bad)
+    return dataset
+
+
+def check_class_maps(train_set, eval_set, cfg: argparse.Namespace) -> None:
+    """SettingError when the two splits of an image folder number their classes differently (a class folder that
+    is empty or missing in one split shifts every later label)."""
+    maps = [getattr(getattr(s, 'reader', None), 'class_to_idx', None) for s in (train_set, eval_set)]
+    if not all(maps) or maps[0] == maps[1]:
+        return
+    train_map, eval_map = maps
+    notes = [f'{c} has no images in {cfg.train_split!r}' for c in sorted(set(eval_map) - set(train_map))[:3]]
+    notes += [f'{c} has no images in {cfg.val_split!r}' for c in sorted(set(train_map) - set(eval_map))[:3]]
+    raise SettingError('data_dir', cfg.data_dir, f'the class folders of the {cfg.train_split!r} and {cfg.val_split!r} '
+                                                 f'splits differ ({"; ".join(notes) or "other order"}), so their labels '
+                                                 f'would not match; fill or remove the folders, or pass '
+                                                 f'class_map=FILE naming every class')
 
 
 def check_label_range(targets: Optional[List[int]], num_classes: int, what: str) -> None:
@@ -165,7 +210,7 @@ def _mixup(cfg: argparse.Namespace, aug_splits: int):
     return FastCollateMixup(**kwargs), None, True
 
 
-def _held_out(cfg: argparse.Namespace, train_set, img_mode: str):
+def _held_out(cfg: argparse.Namespace, train_set, img_mode: str, bad: List):
     """(training part, held-out part, training part through the evaluation transform) of the training split."""
     targets = dataset_targets(train_set)
     if targets is None:
@@ -175,7 +220,7 @@ def _held_out(cfg: argparse.Namespace, train_set, img_mode: str):
     if held.numel() == 0:
         raise SettingError('holdout_fraction', cfg.holdout_fraction, 'holds out no sample (too few per class); raise '
                                                                      'it or pass 0')
-    seen_as_eval = open_split(cfg, cfg.train_split, False, img_mode)
+    seen_as_eval = _training_split_for_eval(cfg, img_mode, bad)
     _logger.info(f'Evaluating on {held.numel()} of the {len(targets)} training samples, held out per class '
                  f'(holdout_fraction {cfg.holdout_fraction}); the {cfg.val_split or "evaluation"} split is not read')
     return Part(train_set, kept, targets), Part(seen_as_eval, held, targets), Part(seen_as_eval, kept, targets)
@@ -185,7 +230,7 @@ def training_part_for_eval(cfg: argparse.Namespace, data: TrainingData):
     """data.fit_view, made on first use: the training split without augmentation (held-out samples left out)."""
     if data.fit_view is None:
         img_mode = cfg.input_img_mode or ('RGB' if data.data_config['input_size'][0] == 3 else 'L')
-        data.fit_view = open_split(cfg, cfg.train_split, False, img_mode)
+        data.fit_view = _training_split_for_eval(cfg, img_mode, data.bad_train_images)
     return data.fit_view
 
 
@@ -195,12 +240,16 @@ def build_training_data(cfg: argparse.Namespace, model: nn.Module, precision: Pr
     img_mode = cfg.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
     train_set = open_split(cfg, cfg.train_split, True, img_mode, seed=cfg.seed, repeats=cfg.epoch_repeats,
                            num_samples=cfg.train_num_samples)
+    bad = check_images(cfg, train_set, cfg.train_split)
     fit_view = None
     if cfg.holdout_fraction:
-        train_set, eval_set, fit_view = _held_out(cfg, train_set, img_mode)
+        train_set, eval_set, fit_view = _held_out(cfg, train_set, img_mode, bad)
     else:
         eval_set = open_split(cfg, cfg.val_split, False, img_mode, num_samples=cfg.val_num_samples) \
             if cfg.val_split else None
+        if eval_set is not None:
+            check_images(cfg, eval_set, cfg.val_split)
+            check_class_maps(train_set, eval_set, cfg)
     train_targets = dataset_targets(train_set)
     check_label_range(train_targets, cfg.num_classes, 'training')
     if eval_set is not None:
@@ -212,4 +261,5 @@ def build_training_data(cfg: argparse.Namespace, model: nn.Module, precision: Pr
         train_loader=_train_loader(cfg, train_set, data_config, precision, collate_fn, cfg.aug_splits),
         eval_loader=eval_loader(cfg, eval_set, data_config, precision) if eval_set is not None else None,
         data_config=data_config, mixup_fn=mixup_fn, soft_targets=soft_targets, aug_splits=cfg.aug_splits,
-        train_targets=train_targets, eval_dataset=eval_set, fit_view=fit_view, holdout=bool(cfg.holdout_fraction))
+        train_targets=train_targets, eval_dataset=eval_set, fit_view=fit_view, holdout=bool(cfg.holdout_fraction),
+        bad_train_images=bad)

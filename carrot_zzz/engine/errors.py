@@ -4,11 +4,12 @@
 
 Python callers read `samples_per_class=32: must be at most batch_size=16; ...`; train.py and validate.py print
 `--samples-per-class 32: must be at most --batch-size 16; ...` (carrot_zzz.cli.flag_text does the translation).
-Messages name other settings by their argument names, as `name=value` or, for names with an underscore, alone.
+Messages name other settings by their argument names: as name=value, in backticks (`lr`), or alone when the name
+holds an underscore (batch_size).
 """
 from typing import Any
 
-__all__ = ['SettingError', 'TrainingDiverged']
+__all__ = ['SettingError', 'TrainingDiverged', 'CheckpointWriteError']
 
 
 class SettingError(ValueError):
@@ -19,6 +20,10 @@ class SettingError(ValueError):
         self.value = value
         self.message = message
         super().__init__(f'{setting}={value!r}: {message}')
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, lost permission); the previous files stay as they were."""
 
 
 class TrainingDiverged(RuntimeError):

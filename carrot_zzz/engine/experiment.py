@@ -71,7 +71,7 @@ def open_experiment(output: str, name: str, args_text: str, resuming: bool, over
     if not resuming and not overwrite and os.path.exists(os.path.join(folder, 'last.pth.tar')):
         lock.release()
         raise SettingError('experiment', name, f'{folder} holds a run already; continue it with resume=auto, pass '
-                                               f'a new experiment=NAME, or overwrite it with overwrite')
+                                               f'a new experiment=NAME, or overwrite it with `overwrite`')
     removed = remove_stale_temporaries(folder)
     if removed:
         _logger.info(f'Removed {removed} temporary files a stopped run left in {folder}')

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..evaluate import epoch_metrics, predict
 from ..weights import load_checkpoint_file, save_weights
-from .checkpoints import set_rng_state
+from .checkpoints import set_rng_state, writing
 from .data import set_loader_epoch
 from .errors import SettingError
 from .experiment import DEFAULT_OUTPUT, SummaryLog
@@ -181,5 +181,6 @@ def export_best_weights(folder: str, model: nn.Module, ema_model: Optional[nn.Mo
             continue
         module = unwrap_model(module)
         module.load_state_dict(checkpoint[key])
-        written.append(str(save_weights(module, os.path.join(folder, name))))
+        with writing(name, folder):
+            written.append(str(save_weights(module, os.path.join(folder, name))))
     return written

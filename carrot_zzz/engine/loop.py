@@ -127,8 +127,8 @@ class Trainer:
         terms = ', '.join(f'{k} {means[k]:.4g}' for k in CARROT_TERMS if k in means)
         raise TrainingDiverged(
             f'the training loss became {means["loss"]} in epoch {epoch} ({where}{"; " + terms if terms else ""}); '
-            f'the checkpoints written before are kept. Lower lr / head_lr (or carrot_weight), or clip gradients '
-            f'with clip_grad')
+            f'the checkpoints written before are kept. Lower `lr` / `head_lr` (or `carrot_weight`), or clip '
+            f'gradients with `clip_grad`')
 
     def _log(self, epoch, update, step_values, window, running, meters, samples, lr) -> None:
         now = RunningMeans(NAN_WHEN_UNUSED)

@@ -11,6 +11,7 @@ from typing import Any, Dict, Tuple
 
 import timm
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ..registry import base_name, is_zzz_name, zzz_name
@@ -22,7 +23,7 @@ __all__ = ['model_name_and_head', 'merge_model_kwargs', 'create_training_model',
 
 HEAD_SETTINGS = ('zzz_rank', 'zzz_v_min', 'zzz_sigma2_min')   # the ZZZ head's create_model kwargs
 # what a truncated, corrupt or mismatched checkpoint raises (torch.load, load_state_dict, timm's readers)
-CHECKPOINT_ERRORS = (RuntimeError, ValueError, KeyError, EOFError, OSError, pickle.UnpicklingError)
+CHECKPOINT_ERRORS = (RuntimeError, ValueError, KeyError, EOFError, OSError, pickle.UnpicklingError, SafetensorError)
 
 
 def model_name_and_head(cfg: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
@@ -87,7 +88,12 @@ def create_training_model(cfg: argparse.Namespace) -> nn.Module:
             num_classes=cfg.num_classes, drop_rate=cfg.drop, drop_path_rate=cfg.drop_path,
             drop_block_rate=cfg.drop_block, global_pool=cfg.gp, bn_momentum=cfg.bn_momentum, bn_eps=cfg.bn_eps,
             scriptable=cfg.torchscript, **kwargs)
-    except (RuntimeError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as e:
+    except (TypeError, *CHECKPOINT_ERRORS) as e:
+        if cfg.pretrained and cfg.pretrained_path and isinstance(e, CHECKPOINT_ERRORS) and 'Unknown model' not in str(e):
+            raise SettingError('pretrained_path', cfg.pretrained_path,
+                               f'cannot load it as the weights of {name} ({type(e).__name__}: '
+                               f'{str(e).splitlines()[0][:200] if str(e) else ""}); pass an intact checkpoint of '
+                               f'this architecture') from e
         raise _creation_error(name, e) from e
     if cfg.initial_checkpoint:
         try:

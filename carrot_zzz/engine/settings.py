@@ -66,7 +66,7 @@ def _check_files(cfg: argparse.Namespace) -> None:
     if folder and not cfg.resume and not cfg.overwrite and os.path.exists(os.path.join(folder, 'last.pth.tar')):
         raise SettingError('experiment', cfg.experiment, f'{folder} holds a run already; continue it with '
                                                          f'resume=auto, pass a new experiment=NAME, or overwrite it '
-                                                         f'with overwrite')
+                                                         f'with `overwrite`')
     if cfg.resume == 'auto' and not cfg.experiment:
         raise SettingError('resume', 'auto', 'continues the experiment folder in place; pass experiment=NAME')
     if cfg.pretrained_path and not cfg.pretrained:
@@ -84,7 +84,7 @@ def _check_head(cfg: argparse.Namespace) -> None:
             if getattr(cfg, name) is not None:
                 raise SettingError(name, getattr(cfg, name), 'configures the ZZZ head; add head=zzz or remove it')
     if cfg.torchscript and (cfg.carrot or cfg.head or is_zzz_name(cfg.model)):
-        raise SettingError('torchscript', True, 'is not supported for carrot_zzz models; use torchcompile')
+        raise SettingError('torchscript', True, 'is not supported for carrot_zzz models; use `torchcompile`')
 
 
 def _check_sampler(cfg: argparse.Namespace) -> None:
@@ -121,6 +121,6 @@ def check_training_settings(cfg: argparse.Namespace) -> None:
     if cfg.aug_splits == 1:
         raise SettingError('aug_splits', 1, 'pass 0 (off) or 2 and more')
     if cfg.split_bn and not (cfg.aug_splits > 1 or cfg.resplit):
-        raise SettingError('split_bn', True, 'needs aug_splits=2 or more, or resplit')
+        raise SettingError('split_bn', True, 'needs aug_splits=2 or more, or `resplit`')
     if cfg.drop_connect is not None:   # timm parses and ignores it
         _logger.warning('--drop-connect is deprecated in timm and has no effect; use --drop-path')

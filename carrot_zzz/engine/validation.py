@@ -88,7 +88,7 @@ def create_validation_model(cfg: argparse.Namespace, state_dict: Optional[Dict[s
         raise SettingError('model', name, 'timm has no such model; pass a timm architecture (timm.list_models()) '
                                           'or its _zzz variant')
     if cfg.torchscript and is_zzz_name(name):
-        raise SettingError('torchscript', True, 'is not supported for carrot_zzz models; use torchcompile')
+        raise SettingError('torchscript', True, 'is not supported for carrot_zzz models; use `torchcompile`')
     pretrained = cfg.pretrained and state_dict is None
     try:
         model = timm.create_model(name, pretrained=pretrained, in_chans=input_channels(cfg.in_chans, cfg.input_size),

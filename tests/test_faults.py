@@ -1,0 +1,348 @@
+"""Nothing lost, nothing silently wrong: train.py under the faults a careful user meets (two runs into one folder,
+a diverging loss, a kill between two writes, broken images, an empty class folder, a rerun, corrupt checkpoints,
+a full disk). Faults are injected by monkeypatching the writes or the step, or by killing a subprocess."""
+import csv
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from carrot_zzz import carrot_regularizer
+from carrot_zzz.engine import checkpoints as checkpoints_module
+from carrot_zzz.engine import fit as fit_module
+from carrot_zzz.engine.experiment import ExperimentLock
+from carrot_zzz.engine.loop import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = ['--model', 'test_vit', '--input-size', '3', '32', '32', '--num-classes', '4', '--batch-size', '16',
+        '--workers', '0', '--device', 'cpu', '--opt', 'adamw', '--lr', '2e-3', '--weight-decay', '0.01',
+        '--warmup-epochs', '0', '--no-aug', '--log-interval', '2', '--seed', '0']
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL inside a step: nothing of the process runs after it (no except / finally of ours)."""
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory, image_folder):
+    return image_folder(tmp_path_factory.mktemp('data'))
+
+
+def run(data, out, experiment, *extra, epochs=2):
+    return train.main([data, *BASE, '--epochs', str(epochs), '--output', str(out), '--experiment', experiment,
+                       *extra])
+
+
+def summary(folder):
+    with open(os.path.join(folder, 'summary.csv')) as f:
+        return list(csv.reader(f))
+
+
+def stored_epoch(path):
+    return torch.load(path, weights_only=True, mmap=True)['epoch']
+
+
+# --- 1. one run per experiment folder ---------------------------------------------------------------------------
+
+def test_a_second_run_into_a_busy_folder_stops_naming_the_owner(data_dir, tmp_path):
+    folder = tmp_path / 'busy'
+    folder.mkdir()
+    lock = ExperimentLock(str(folder))                       # a run that is still training
+    try:
+        with pytest.raises(SystemExit, match=r'--experiment busy: .*busy is in use by a running training '
+                                             r'\(host .* pid \d+\); wait for it or pass another --experiment NAME'):
+            run(data_dir, tmp_path, 'busy', epochs=1)
+    finally:
+        lock.release()
+    assert not os.path.exists(folder / 'last.pth.tar')
+
+
+def test_a_killed_owner_leaves_no_lock_and_no_temporaries(data_dir, tmp_path):
+    """A process holding the lock is killed with SIGKILL: the next run starts, and the temporary file the killed
+    process left (a unique name: pid and random suffix) is removed."""
+    folder = tmp_path / 'killed'
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, '-c', textwrap.dedent(f'''
+        import sys, time
+        sys.path.insert(0, {ROOT!r})
+        from carrot_zzz.engine.experiment import ExperimentLock
+        lock = ExperimentLock({str(folder)!r})
+        open({str(folder / '.last.pth.tar.999.abcdef12.partial')!r}, 'wb').write(b'half')
+        print('locked', flush=True)
+        time.sleep(600)
+    ''')], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        with pytest.raises(SystemExit, match=r'in use by a running training \(host .* pid %d\)' % holder.pid):
+            run(data_dir, tmp_path, 'killed', epochs=1)
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    finally:
+        holder.kill()
+    run(data_dir, tmp_path, 'killed', epochs=1)
+    assert not [f for f in os.listdir(folder) if f.endswith('.partial')]
+    assert stored_epoch(folder / 'last.pth.tar') == 0
+
+
+# --- 2. a diverging loss ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('flags, message', [
+    (('--carrot', '--carrot-weight', 'nan'), '--carrot-weight nan: must be a finite number >= 0'),
+    (('--lr', '-1'), '--lr -1.0: must be a finite number >= 0'),
+    (('--head', 'zzz', '--head-lr', 'inf'), '--head-lr inf: must be a finite number >= 0'),
+])
+def test_non_finite_or_negative_rates_are_refused_up_front(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        train.parse_args(['--data-dir', ROOT, *flags])
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_finite_checkpoints(data_dir, tmp_path, monkeypatch):
+    """From epoch 1 on the task returns a NaN loss: the run stops at the next log line with the step and the loss
+    terms, without writing a checkpoint of it; last.pth.tar and model_best stay at epoch 0, finite."""
+    from carrot_zzz.train_task import CarrotClassificationTask
+    real = CarrotClassificationTask.forward
+    calls = {'n': 0}
+
+    def poisoned(self, *a, **kw):
+        out = real(self, *a, **kw)
+        calls['n'] += 1
+        if calls['n'] > 4:                                # 4 batches per epoch: epoch 1 diverges
+            out['loss'] = out['loss'] * float('nan')
+        return out
+
+    monkeypatch.setattr(CarrotClassificationTask, 'forward', poisoned)
+    with pytest.raises(SystemExit, match=r'the training loss became nan in epoch 1 \(updates up to 0; task_loss '
+                                         r'.*R_var .*R_rank .*\); the checkpoints written before are kept\. Lower '
+                                         r'--lr / --head-lr \(or --carrot-weight\), or clip gradients with --clip-grad'):
+        run(data_dir, tmp_path, 'nan', '--head', 'zzz', '--zzz-rank', '2', '--carrot', epochs=3)
+    folder = tmp_path / 'nan'
+    for name in ('last.pth.tar', 'model_best.pth.tar'):
+        ckpt = torch.load(folder / name, weights_only=True)
+        assert ckpt['epoch'] == 0 and all(torch.isfinite(t).all() for t in ckpt['state_dict'].values())
+    assert len(summary(folder)) == 2                      # header + epoch 0
+
+
+def test_a_non_finite_model_is_never_best_nor_exported(data_dir, tmp_path, monkeypatch):
+    """Weights that turn NaN after epoch 1's last step (the loss of that epoch was finite): epoch 1 evaluates to
+    NaN logits, which score chance top-1; it is kept unranked and model_best stays epoch 0."""
+    real = Trainer.train_epoch
+
+    def nan_weights_after_epoch_1(self, epoch):
+        means = real(self, epoch)
+        if epoch == 1:
+            with torch.no_grad():
+                next(self.task.get_trainable_module().parameters()).fill_(float('nan'))
+        return means
+
+    monkeypatch.setattr(Trainer, 'train_epoch', nan_weights_after_epoch_1)
+    folder = run(data_dir, tmp_path, 'nanw', epochs=2)
+    assert stored_epoch(os.path.join(folder, 'model_best.pth.tar')) == 0
+    assert stored_epoch(os.path.join(folder, 'last.pth.tar')) == 1
+    from safetensors.torch import load_file
+    assert all(torch.isfinite(t).all() for t in load_file(os.path.join(folder, 'model_best.safetensors')).values())
+
+
+# --- 3. a kill between two writes --------------------------------------------------------------------------------
+
+def test_a_kill_before_model_best_is_linked_then_resume_restores_the_best(data_dir, tmp_path, monkeypatch):
+    """Epoch 1 is the best; the process dies after writing last.pth.tar, before linking model_best. --resume auto
+    re-links model_best from the best epoch's file, and the exported weights are that epoch's."""
+    scores = iter([50.0, 75.0, 60.0, 60.0])
+    monkeypatch.setattr(fit_module, 'evaluate_epoch', lambda trainer, ema=False: {
+        'loss': 1.0, 'top1': next(scores), 'top5': 100.0})
+    real_link = checkpoints_module.atomic_link
+
+    def link(src, dst):
+        if dst.endswith('model_best.pth.tar') and stored_epoch(src) == 1:
+            raise Killed()
+        return real_link(src, dst)
+
+    monkeypatch.setattr(checkpoints_module, 'atomic_link', link)
+    with pytest.raises(Killed):
+        run(data_dir, tmp_path, 'kill', '--resume', 'auto', epochs=3)
+    folder = tmp_path / 'kill'
+    assert stored_epoch(folder / 'model_best.pth.tar') == 0 and stored_epoch(folder / 'last.pth.tar') == 1
+    monkeypatch.setattr(checkpoints_module, 'atomic_link', real_link)
+    run(data_dir, tmp_path, 'kill', '--resume', 'auto', epochs=3)
+    assert stored_epoch(folder / 'model_best.pth.tar') == 1
+    best = torch.load(folder / 'model_best.pth.tar', weights_only=True)['state_dict']
+    from safetensors.torch import load_file
+    exported = load_file(str(folder / 'model_best.safetensors'))
+    assert all(torch.equal(exported[k], v) for k, v in best.items())
+    assert [r[0] for r in summary(folder)] == ['epoch', '0', '1', '2']
+
+
+def test_a_kill_in_the_first_checkpoint_write_leaves_one_summary(data_dir, tmp_path, monkeypatch):
+    real_write = checkpoints_module.atomic_write
+
+    def write(path, fn, *a, **kw):
+        if path.endswith('last.pth.tar'):
+            raise Killed()
+        return real_write(path, fn, *a, **kw)
+
+    monkeypatch.setattr(checkpoints_module, 'atomic_write', write)
+    with pytest.raises(Killed):
+        run(data_dir, tmp_path, 'first', '--resume', 'auto', epochs=2)
+    folder = tmp_path / 'first'
+    assert [r[0] for r in summary(folder)] == ['epoch', '0'] and not (folder / 'last.pth.tar').exists()
+    monkeypatch.setattr(checkpoints_module, 'atomic_write', real_write)
+    run(data_dir, tmp_path, 'first', '--resume', 'auto', epochs=2)       # nothing to resume: a fresh start
+    assert [r[0] for r in summary(folder)] == ['epoch', '0', '1']
+
+
+# --- 4. broken or missing images ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def broken_folder(tmp_path, image_folder):
+    root = image_folder(tmp_path / 'broken')
+    cls = os.path.join(root, 'train', 'class_1')
+    open(os.path.join(cls, '0.png'), 'wb').close()                           # 0 bytes
+    data = open(os.path.join(cls, '1.png'), 'rb').read()
+    open(os.path.join(cls, '1.png'), 'wb').write(data[:len(data) // 2])      # cut short
+    return root
+
+
+def test_broken_training_images_stop_the_run_up_front(broken_folder, tmp_path):
+    with pytest.raises(SystemExit, match=r"--data-dir .*: 2 unreadable images in split 'train': .*0.png \(empty\); "
+                                         r".*1.png \(truncated\); replace them, or leave them out with "
+                                         r"--skip-bad-images"):
+        run(broken_folder, tmp_path, 'bad', '--sampler', 'pk', '--carrot', epochs=1)
+    assert not (tmp_path / 'bad').exists()
+
+
+def test_skip_bad_images_keeps_the_p_x_k_batches_whole(broken_folder, tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    folder = run(broken_folder, tmp_path, 'skip', '--sampler', 'pk', '--samples-per-class', '4', '--carrot',
+                 '--skip-bad-images', epochs=1)
+    assert any('Left out 2 unreadable images' in r.message for r in caplog.records)
+    with open(os.path.join(folder, 'summary.csv')) as f:
+        row = list(csv.DictReader(f))[0]
+    assert float(row['train_used_frac']) == 1.0 and float(row['train_classes_used']) == 4.0
+
+
+def test_a_missing_image_of_an_fgvc_list_stops_up_front(tmp_path):
+    root = tmp_path / 'CUB_200_2011'
+    classes = ['001.A', '002.B']
+    lines = {'images.txt': [], 'image_class_labels.txt': [], 'train_test_split.txt': []}
+    for i in range(1, 9):
+        rel = f'{classes[i % 2]}/{i}.jpg'
+        os.makedirs(root / 'images' / classes[i % 2], exist_ok=True)
+        Image.new('RGB', (8, 8), (i * 20, 0, 0)).save(root / 'images' / rel)
+        lines['images.txt'].append(f'{i} {rel}')
+        lines['image_class_labels.txt'].append(f'{i} {i % 2 + 1}')
+        lines['train_test_split.txt'].append(f'{i} {int(i <= 6)}')
+    lines['classes.txt'] = [f'{k + 1} {c}' for k, c in enumerate(classes)]
+    for name, rows in lines.items():
+        (root / name).write_text('\n'.join(rows) + '\n')
+    os.remove(root / 'images' / classes[1] / '3.jpg')
+    with pytest.raises(SystemExit, match=r"1 unreadable images in split 'train': .*3.jpg \(missing\)"):
+        train.main([*BASE, '--data-dir', str(root), '--dataset', 'cub200', '--num-classes', '2', '--epochs', '1',
+                    '--output', str(tmp_path), '--experiment', 'cub'])
+
+
+def test_the_carrot_bounds_message_names_the_replaced_samples():
+    z, labels = torch.randn(8, 4), torch.tensor([0, 0, 0, 1, 1, 2, 2, 3])
+    with pytest.raises(RuntimeError, match='replace an image that fails to load by the next sample'):
+        carrot_regularizer(z, labels, max_classes=4, max_per_class=2)
+
+
+# --- 5. an empty class folder -------------------------------------------------------------------------------------
+
+def test_an_empty_class_folder_stops_instead_of_shifting_labels(tmp_path, image_folder):
+    root = image_folder(tmp_path / 'empty_class')
+    folder = os.path.join(root, 'train', 'class_1')
+    for name in os.listdir(folder):
+        os.remove(os.path.join(folder, name))
+    with pytest.raises(SystemExit, match=r"class folders of the 'train' and 'validation' splits differ \(class_1 has "
+                                         r"no images in 'train'\).*--class-map FILE"):
+        run(root, tmp_path, 'shift', epochs=1)
+
+
+# --- 6. a rerun into a finished experiment ----------------------------------------------------------------------
+
+def test_a_rerun_without_resume_is_refused_unless_overwrite(data_dir, tmp_path):
+    folder = run(data_dir, tmp_path, 'done', epochs=1)
+    before = open(os.path.join(folder, 'last.pth.tar'), 'rb').read()
+    with pytest.raises(SystemExit, match=r'--experiment done: .*holds a run already; continue it with --resume auto, '
+                                         r'pass a new --experiment NAME, or overwrite it with --overwrite'):
+        run(data_dir, tmp_path, 'done', epochs=1)
+    assert open(os.path.join(folder, 'last.pth.tar'), 'rb').read() == before
+    run(data_dir, tmp_path, 'done', '--overwrite', '--seed', '1', epochs=1)
+    assert open(os.path.join(folder, 'last.pth.tar'), 'rb').read() != before
+    assert [r[0] for r in summary(folder)] == ['epoch', '0']
+
+
+# --- 7. one line instead of a traceback --------------------------------------------------------------------------
+
+@pytest.mark.parametrize('flag', ['--resume', '--initial-checkpoint', '--pretrained-path'])
+def test_corrupt_safetensors_files_are_one_line(data_dir, tmp_path, flag):
+    path = tmp_path / 'random.safetensors'
+    path.write_bytes(np.random.default_rng(0).bytes(3000))
+    extra = ('--pretrained',) if flag == '--pretrained-path' else ()
+    with pytest.raises(SystemExit, match=f'{flag} .*random.safetensors: cannot'):
+        run(data_dir, tmp_path, 'corrupt', flag, str(path), *extra, epochs=1)
+
+
+def test_an_output_that_cannot_be_a_folder_is_one_line(data_dir, tmp_path, monkeypatch):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a folder')
+    with pytest.raises(SystemExit, match=r'--output .*a_file: cannot make the folder .*; pass a writable --output'):
+        train.main([data_dir, *BASE, '--epochs', '1', '--output', str(blocker), '--experiment', 'x'])
+    real = os.makedirs
+
+    def read_only(path, *a, **kw):
+        raise OSError(30, 'Read-only file system')
+
+    monkeypatch.setattr(os, 'makedirs', read_only)
+    with pytest.raises(SystemExit, match=r'cannot make the folder .*\(Read-only file system\)'):
+        train.main([data_dir, *BASE, '--epochs', '1', '--output', str(tmp_path / 'ro'), '--experiment', 'x'])
+    monkeypatch.setattr(os, 'makedirs', real)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def full(obj, f, *a, **kw):
+        if obj.get('epoch') == 1:
+            f.write(b'partial data')
+            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0')
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(checkpoints_module.torch, 'save', full)
+    with pytest.raises(SystemExit, match=r'cannot write the checkpoint of epoch 1 in .*unexpected pos.*the files '
+                                         r'written before are kept and no partial file is left'):
+        run(data_dir, tmp_path, 'full', epochs=2)
+    folder = tmp_path / 'full'
+    assert stored_epoch(folder / 'last.pth.tar') == 0
+    assert not [f for f in os.listdir(folder) if f.endswith('.partial')]
+
+
+# --- 8. contradictions -----------------------------------------------------------------------------------------
+
+def test_contradictions_are_refused_or_said(data_dir, tmp_path, caplog):
+    with pytest.raises(SystemExit, match='--samples-per-class 1: CARROT needs classes with 2 or more samples'):
+        train.parse_args(['--data-dir', ROOT, '--carrot', '--sampler', 'pk', '--samples-per-class', '1'])
+    caplog.set_level(logging.WARNING)
+    train.parse_args(['--data-dir', ROOT, '--pretrained-path', __file__])
+    assert any('--pretrained-path is only read with --pretrained' in r.message for r in caplog.records)
+    folder = run(data_dir, tmp_path, 'modes', epochs=1)
+    for name in ('model_best.safetensors', 'last.pth.tar', 'model_best.pth.tar', 'summary.csv', 'args.yaml'):
+        assert stat.S_IMODE(os.stat(os.path.join(folder, name)).st_mode) == 0o644, name
+
+
+def test_in_memory_data_sets_are_not_checked_as_files():
+    """Fashion-MNIST keeps its images in arrays (its sample names are not files): nothing to check."""
+    from carrot_zzz.data import create_dataset
+    from carrot_zzz.data.image_check import sample_paths, unreadable_images
+    dataset = create_dataset('fashion_mnist', split='train')
+    assert sample_paths(dataset) is None and unreadable_images(dataset) == []
