@@ -43,7 +43,7 @@ from carrot_zzz.engine.loop import Trainer
 from carrot_zzz.engine.models import create_training_model
 from carrot_zzz.engine.optim import build_optimizer, build_scheduler, resolve_learning_rate
 from carrot_zzz.engine.process import experiment_name, loss_scaler, place_model, start_process
-from carrot_zzz.engine.settings import check_training_settings
+from carrot_zzz.engine.settings import check_experiment_folder, check_training_settings
 from carrot_zzz.engine.task import build_task, compile_and_distribute, training_loss
 from carrot_zzz.model import HEAD_TYPES
 from carrot_zzz.train_task import CARROT_SCOPES
@@ -345,6 +345,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[str]:
     folder = lock = keeper = summary = None
     try:
         with setting_errors(SCRIPT, parser):
+            check_experiment_folder(cfg)
             precision = start_process(cfg)
             model = place_model(create_training_model(cfg), cfg, precision)
             _logger.info(f'Model {cfg.model} created, param count:{sum(p.numel() for p in model.parameters())}')

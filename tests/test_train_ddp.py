@@ -92,7 +92,7 @@ def test_torchrun_two_processes(tmp_path, image_folder):
     '''))
     argv = [data, *BASE, '--model', 'test_resnet', '--batch-size', '8', '--epochs', '2', '--output', str(tmp_path),
             '--experiment', 'ddp', '--head', 'zzz', '--zzz-rank', '2', '--carrot', '--carrot-scope', 'global',
-            '--sampler', 'pk', '--samples-per-class', '4', '--grad-accum-steps', '2']
+            '--sampler', 'pk', '--samples-per-class', '4', '--grad-accum-steps', '2', '--head-init', 'data']
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(WORLD),
@@ -104,5 +104,6 @@ def test_torchrun_two_processes(tmp_path, image_folder):
     assert len(rows) == 2 and float(rows[0]['train_used_frac']) == 1.0
     assert float(rows[0]['train_classes_used']) == 4.0      # 2 classes per rank, gathered: the global batch's 4
     assert 'distributed mode' in proc.stderr + proc.stdout
+    assert (proc.stderr + proc.stdout).count('Head fitted to the data: 64 training samples') == 2   # both ranks
     assert (out / 'model_best.safetensors').exists()
     torch.load(out / 'last.pth.tar', weights_only=True)

@@ -13,7 +13,7 @@ from .errors import SettingError
 from .experiment import DEFAULT_OUTPUT
 from .models import HEAD_SETTINGS
 
-__all__ = ['check_training_settings', 'NON_NEGATIVE_SETTINGS']
+__all__ = ['check_training_settings', 'check_experiment_folder', 'NON_NEGATIVE_SETTINGS']
 
 _logger = logging.getLogger(__name__)
 
@@ -62,11 +62,6 @@ def _check_files(cfg: argparse.Namespace) -> None:
         path = getattr(cfg, name)
         if path and not (name == 'resume' and path == 'auto') and not os.path.isfile(path):
             raise SettingError(name, path, 'no such file; pass the path of a checkpoint file')
-    folder = os.path.join(cfg.output or DEFAULT_OUTPUT, cfg.experiment) if cfg.experiment else None
-    if folder and not cfg.resume and not cfg.overwrite and os.path.exists(os.path.join(folder, 'last.pth.tar')):
-        raise SettingError('experiment', cfg.experiment, f'{folder} holds a run already; continue it with '
-                                                         f'resume=auto, pass a new experiment=NAME, or overwrite it '
-                                                         f'with `overwrite`')
     if cfg.resume == 'auto' and not cfg.experiment:
         raise SettingError('resume', 'auto', 'continues the experiment folder in place; pass experiment=NAME')
     if cfg.pretrained_path and not cfg.pretrained:
@@ -105,6 +100,16 @@ def _check_sampler(cfg: argparse.Namespace) -> None:
                                                            'sampler=pk; remove one')
     if cfg.use_multi_epochs_loader:
         raise SettingError('use_multi_epochs_loader', True, 'cannot be combined with sampler=pk; remove it')
+
+
+def check_experiment_folder(cfg: argparse.Namespace) -> None:
+    """SettingError before anything is built when a new run (no resume) would write into an experiment folder
+    that holds a run already (open_experiment checks again when it takes the folder)."""
+    folder = os.path.join(cfg.output or DEFAULT_OUTPUT, cfg.experiment) if cfg.experiment else None
+    if folder and not cfg.resume and not cfg.overwrite and os.path.exists(os.path.join(folder, 'last.pth.tar')):
+        raise SettingError('experiment', cfg.experiment, f'{folder} holds a run already; continue it with '
+                                                         f'resume=auto, pass a new experiment=NAME, or overwrite it '
+                                                         f'with `overwrite`')
 
 
 def check_training_settings(cfg: argparse.Namespace) -> None:

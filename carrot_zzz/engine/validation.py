@@ -194,7 +194,7 @@ def write_extras(cfg: argparse.Namespace, scores: Dict[str, torch.Tensor], bias:
         _logger.info(f'Embeddings of {len(logits)} samples written to {cfg.save_embeddings}')
     if cfg.reliability_plot:
         bins = reliability_bins(scores['conf'], scores['hit1'])
-        plot_reliability(bins, cfg.reliability_plot, title=f'{cfg.model}, {cfg.split} ({len(scores["conf"])} samples)')
+        plot_reliability(bins, cfg.reliability_plot, title=f'{cfg.model}, split {cfg.split}')
         _logger.info(f'Reliability diagram (ECE {results["ece"]:.2f}%) drawn to {cfg.reliability_plot}')
 
 
