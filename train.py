@@ -39,7 +39,7 @@ from carrot_zzz.engine.errors import CheckpointWriteError, TrainingDiverged
 from carrot_zzz.engine.experiment import DEFAULT_OUTPUT, SummaryLog, open_experiment
 from carrot_zzz.engine.fit import attach_ema, continue_run, export_best_weights, fit, load_resume, resume_path
 from carrot_zzz.engine.head_init import HEAD_INITS, init_head_from_data
-from carrot_zzz.engine.loop import Trainer
+from carrot_zzz.engine.loop import Trainer, updates_per_epoch
 from carrot_zzz.engine.models import create_training_model
 from carrot_zzz.engine.optim import build_optimizer, build_scheduler, resolve_learning_rate
 from carrot_zzz.engine.process import experiment_name, loss_scaler, place_model, start_process
@@ -360,7 +360,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[str]:
             attach_ema(task, cfg, resume)
             compile_and_distribute(task, cfg, precision)
             ranked_by_loss = data.eval_loader is None or cfg.eval_metric == 'loss'
-            updates = -(-len(data.train_loader) // cfg.grad_accum_steps)
+            updates = updates_per_epoch(len(data.train_loader), cfg.grad_accum_steps)
             scheduler, epochs = build_scheduler(optimizer, cfg, updates, decreasing_metric=ranked_by_loss)
             name = experiment_name(cfg, data.data_config['input_size'][-1])
             if cfg.rank == 0:

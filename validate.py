@@ -39,6 +39,7 @@ from timm.utils import (ParseKwargs, check_batch_size_retry, decay_batch_step, n
 
 from carrot_zzz.cli import (add, add_dataset_reader_flags, add_input_flags, add_precision_flags, add_task_flags, fail,
                             parse_with_recipe, setting_errors, single_label_error)
+from carrot_zzz.engine.data import image_mode
 from carrot_zzz.engine.precision import fast_cuda_math, require_device, resolve_precision
 from carrot_zzz.engine.validation import (class_names, create_validation_model, open_eval_split, per_class_rows,
                                           read_checkpoint, report, retrieval_fields, validation_loader, write_extras,
@@ -220,7 +221,7 @@ def validate(cfg: argparse.Namespace) -> OrderedDict:
     _logger.info(f'Model {cfg.model} created, param count: {param_count}')
     model, data_config, crop_pct = _prepare_model(cfg, precision, raw)
     root = cfg.data or cfg.data_dir
-    img_mode = cfg.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
+    img_mode = image_mode(cfg.input_img_mode, data_config)
     dataset = open_eval_split(cfg, cfg.dataset, root, cfg.split, img_mode, cfg.class_map)
     subset = [int(line) for line in open(cfg.valid_labels)] if cfg.valid_labels else None
     real = None

@@ -15,7 +15,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 from .engine.errors import SettingError
 from .recipe import read_recipe
 
-__all__ = ['add', 'add_precision_flags', 'add_input_flags', 'add_dataset_reader_flags', 'add_task_flags', 'single_label_error', 'first_line', 'fail',
+__all__ = ['add', 'add_precision_flags', 'add_input_flags', 'add_dataset_reader_flags', 'add_task_flags', 'single_label_error', 'fail',
            'flag_name', 'flag_text', 'setting_errors', 'parse_with_recipe']
 
 _logger = logging.getLogger(__name__)
@@ -77,12 +77,6 @@ def single_label_error(args: argparse.Namespace) -> Optional[str]:
             return (f'{flag} {value}: multi-label training and validation are not supported here (the ZZZ head '
                     f'and CARROT are single-label); remove it, or use timm\'s own scripts')
     return None
-
-
-def first_line(e: BaseException, limit: int = 300) -> str:
-    """'TypeName: first line of the message' (at most `limit` characters of it)."""
-    text = str(e).strip().splitlines()
-    return f'{type(e).__name__}: {text[0][:limit]}' if text else type(e).__name__
 
 
 def fail(script: str, message: str):

@@ -25,7 +25,6 @@ _logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DDP / torch.compile, in either order
-_STATE_DICT_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')  # timm's checkpoint dict lookup order
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -64,11 +63,10 @@ def checkpoint_keys(path: PathLike) -> List[str]:
             ckpt = load_checkpoint_file(path, mmap=True)
         except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
             ckpt = load_checkpoint_file(path)
-        if isinstance(ckpt, dict):
-            for k in _STATE_DICT_KEYS:
-                if isinstance(ckpt.get(k), dict):
-                    ckpt = ckpt[k]
-                    break
+        try:
+            ckpt, _ = _state_dict_of(ckpt, use_ema=True)     # timm's lookup order, the EMA entry first
+        except ValueError:
+            pass
         keys = ckpt.keys() if isinstance(ckpt, dict) else []
     return [_clean_key(k) for k in keys]
 

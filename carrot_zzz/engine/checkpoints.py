@@ -24,7 +24,7 @@ import torch
 
 from ..files import atomic_link, atomic_write
 from ..weights import load_checkpoint_file
-from .errors import CheckpointWriteError
+from .errors import CheckpointWriteError, first_line
 
 __all__ = ['CheckpointKeeper', 'rng_state', 'set_rng_state', 'plain', 'writing', 'CHECKPOINT_SUFFIX']
 
@@ -66,7 +66,7 @@ def writing(what: str, folder: str) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:200]
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e, 200)
         raise CheckpointWriteError(f'cannot write {what} in {folder} ({reason}); the files written before are kept '
                                    f'and no partial file is left: free space, or pass another output') from e
 

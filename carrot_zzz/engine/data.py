@@ -27,11 +27,11 @@ from ..data import create_dataset
 from ..data.holdout import Part, stratified_holdout
 from ..data.image_check import drop_samples, unreadable_images
 from ..sampler import PKBatchSampler, dataset_targets
-from .errors import SettingError
+from .errors import SettingError, first_line
 from .precision import Precision
 
 __all__ = ['TrainingData', 'build_training_data', 'open_split', 'check_label_range', 'set_loader_epoch',
-           'inner_loader', 'training_part_for_eval', 'eval_loader', 'check_images', 'check_class_maps']
+           'inner_loader', 'training_part_for_eval', 'eval_loader', 'image_mode', 'check_images', 'check_class_maps']
 
 _logger = logging.getLogger(__name__)
 
@@ -67,6 +67,11 @@ class TrainingData:
     bad_train_images: List = field(default_factory=list)   # (path, reason) left out by skip_bad_images
 
 
+def image_mode(input_img_mode: Optional[str], data_config: Dict[str, Any]) -> str:
+    """PIL mode the images are read in: the one asked for, else RGB for 3 input channels and L (grey) otherwise."""
+    return input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
+
+
 def open_split(cfg: argparse.Namespace, split: str, training: bool, input_img_mode: str, **extra) -> Any:
     """One split of the run's data set; SettingError naming the split setting when it cannot be read or is empty."""
     setting = 'train_split' if training else 'val_split'
@@ -78,7 +83,7 @@ def open_split(cfg: argparse.Namespace, split: str, training: bool, input_img_mo
             **extra)
     except (RuntimeError, FileNotFoundError, ValueError, AssertionError) as e:
         raise SettingError(setting, split, f'cannot read this split of {cfg.dataset or "the image folder"} at '
-                                           f'{cfg.data_dir} ({type(e).__name__}: {str(e).splitlines()[0][:300]}); '
+                                           f'{cfg.data_dir} ({first_line(e)}); '
                                            f'check data_dir, dataset and {setting}') from e
     if not isinstance(dataset, IterableDataset) and len(dataset) == 0:
         raise SettingError(setting, split, f'holds no samples at {cfg.data_dir}; check data_dir and {setting}')
@@ -229,15 +234,15 @@ def _held_out(cfg: argparse.Namespace, train_set, img_mode: str, bad: List):
 def training_part_for_eval(cfg: argparse.Namespace, data: TrainingData):
     """data.fit_view, made on first use: the training split without augmentation (held-out samples left out)."""
     if data.fit_view is None:
-        img_mode = cfg.input_img_mode or ('RGB' if data.data_config['input_size'][0] == 3 else 'L')
-        data.fit_view = _training_split_for_eval(cfg, img_mode, data.bad_train_images)
+        data.fit_view = _training_split_for_eval(cfg, image_mode(cfg.input_img_mode, data.data_config),
+                                                 data.bad_train_images)
     return data.fit_view
 
 
 def build_training_data(cfg: argparse.Namespace, model: nn.Module, precision: Precision) -> TrainingData:
     """Data sets and loaders of a training run (see module doc); SettingError for unreadable data or labels."""
     data_config = resolve_data_config(vars(cfg), model=model, verbose=cfg.rank == 0)
-    img_mode = cfg.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
+    img_mode = image_mode(cfg.input_img_mode, data_config)
     train_set = open_split(cfg, cfg.train_split, True, img_mode, seed=cfg.seed, repeats=cfg.epoch_repeats,
                            num_samples=cfg.train_num_samples)
     bad = check_images(cfg, train_set, cfg.train_split)

@@ -4,12 +4,13 @@
 
 Python callers read `samples_per_class=32: must be at most batch_size=16; ...`; train.py and validate.py print
 `--samples-per-class 32: must be at most --batch-size 16; ...` (carrot_zzz.cli.flag_text does the translation).
-Messages name other settings by their argument names: as name=value, in backticks (`lr`), or alone when the name
+`first_line(e)` is the one-line form of an exception these messages quote. Messages name other settings by their
+argument names: as name=value, in backticks (`lr`), or alone when the name
 holds an underscore (batch_size).
 """
 from typing import Any
 
-__all__ = ['SettingError', 'TrainingDiverged', 'CheckpointWriteError']
+__all__ = ['SettingError', 'TrainingDiverged', 'CheckpointWriteError', 'first_line']
 
 
 class SettingError(ValueError):
@@ -20,6 +21,12 @@ class SettingError(ValueError):
         self.value = value
         self.message = message
         super().__init__(f'{setting}={value!r}: {message}')
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """'TypeName: first line of the message' (at most `limit` characters of it)."""
+    text = str(e).strip().splitlines()
+    return f'{type(e).__name__}: {text[0][:limit]}' if text else type(e).__name__
 
 
 class CheckpointWriteError(RuntimeError):

@@ -10,6 +10,7 @@ folder that already holds a checkpoint stops too, unless told to overwrite.
 """
 import csv
 import fcntl
+import io
 import logging
 import os
 import socket
@@ -113,7 +114,6 @@ class SummaryLog:
 
 
 def _csv_text(rows) -> str:
-    import io
     buffer = io.StringIO()
     csv.writer(buffer).writerows(rows)
     return buffer.getvalue()

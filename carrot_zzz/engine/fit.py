@@ -20,7 +20,7 @@ from ..evaluate import epoch_metrics, predict
 from ..weights import load_checkpoint_file, save_weights
 from .checkpoints import set_rng_state, writing
 from .data import set_loader_epoch
-from .errors import SettingError
+from .errors import SettingError, first_line
 from .experiment import DEFAULT_OUTPUT, SummaryLog
 from .loop import Trainer
 from .models import CHECKPOINT_ERRORS
@@ -49,9 +49,8 @@ def load_resume(task, optimizer, scaler, cfg, path: str):
                                        loss_scaler=scaler if keep_opt else None, log_info=cfg.rank == 0)
         saved = load_checkpoint_file(path, mmap=True)
     except CHECKPOINT_ERRORS as e:
-        raise SettingError('resume', path, f'cannot resume from it ({type(e).__name__}: '
-                                           f'{str(e).splitlines()[0][:200]}); it is truncated or the checkpoint of '
-                                           f'another model: pass an intact last.pth.tar of this run') from e
+        raise SettingError('resume', path, f'cannot resume from it ({first_line(e, 200)}); it is truncated or the '
+                                           f'checkpoint of another model: pass an intact last.pth.tar of this run') from e
     return epoch or 0, saved
 
 

@@ -28,7 +28,7 @@ from .means import RunningMeans
 from .optim import clip_parameters
 from .precision import Precision
 
-__all__ = ['Trainer', 'accumulation_group']
+__all__ = ['Trainer', 'accumulation_group', 'updates_per_epoch']
 
 _logger = logging.getLogger(__name__)
 CARROT_TERMS = ('task_loss', 'R_var', 'R_rank')
@@ -40,6 +40,11 @@ def accumulation_group(index: int, batches: int, steps: int):
     start = index - index % steps
     size = min(steps, batches - start)
     return size, index - start == size - 1
+
+
+def updates_per_epoch(batches: int, steps: int) -> int:
+    """Optimizer updates in an epoch of `batches` batches accumulated `steps` at a time (the last group may be short)."""
+    return math.ceil(batches / steps)
 
 
 def _carrot_text(means: Dict[str, float]) -> str:
@@ -70,7 +75,7 @@ class Trainer:
 
     @property
     def updates_per_epoch(self) -> int:
-        return math.ceil(len(self.data.train_loader) / self.cfg.grad_accum_steps)
+        return updates_per_epoch(len(self.data.train_loader), self.cfg.grad_accum_steps)
 
     def state(self) -> Dict[str, Any]:
         """The checkpoint of the run as it stands (the keeper adds epoch, metric and its ranking)."""

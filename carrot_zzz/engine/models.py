@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..registry import base_name, is_zzz_name, zzz_name
-from .errors import SettingError
+from .errors import SettingError, first_line
 from .precision import input_channels
 
 __all__ = ['model_name_and_head', 'merge_model_kwargs', 'create_training_model', 'HEAD_SETTINGS',
@@ -55,7 +55,7 @@ def merge_model_kwargs(chosen: Dict[str, Any], model_kwargs: Dict[str, Any], sou
 
 def _creation_error(name: str, error: Exception) -> SettingError:
     """The SettingError for create_model failing on `name`."""
-    text = f'{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ""}'
+    text = first_line(error)
     arch = base_name(name) if is_zzz_name(name) else name
     if 'Unknown model' in text and not timm.is_model(arch.split('.')[0]):
         return SettingError('model', name, f'timm has no model {arch!r}; pick one of timm.list_models()')
@@ -91,16 +91,15 @@ def create_training_model(cfg: argparse.Namespace) -> nn.Module:
     except (TypeError, *CHECKPOINT_ERRORS) as e:
         if cfg.pretrained and cfg.pretrained_path and isinstance(e, CHECKPOINT_ERRORS) and 'Unknown model' not in str(e):
             raise SettingError('pretrained_path', cfg.pretrained_path,
-                               f'cannot load it as the weights of {name} ({type(e).__name__}: '
-                               f'{str(e).splitlines()[0][:200] if str(e) else ""}); pass an intact checkpoint of '
-                               f'this architecture') from e
+                               f'cannot load it as the weights of {name} ({first_line(e, 200)}); pass an intact '
+                               f'checkpoint of this architecture') from e
         raise _creation_error(name, e) from e
     if cfg.initial_checkpoint:
         try:
             timm.models.load_checkpoint(model, cfg.initial_checkpoint)
         except CHECKPOINT_ERRORS as e:
             raise SettingError('initial_checkpoint', cfg.initial_checkpoint,
-                               f'cannot load it into {name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
+                               f'cannot load it into {name} ({first_line(e, 200)}); '
                                f'pass an intact checkpoint of this model') from e
     if cfg.head_init_scale is not None or cfg.head_init_bias is not None:
         _apply_head_init(model, cfg.head_init_scale, cfg.head_init_bias)

@@ -16,7 +16,7 @@ from timm.utils import unwrap_model
 from torch import nn
 
 from ..model import ZZZModel
-from .errors import SettingError
+from .errors import SettingError, first_line
 
 __all__ = ['scaled_learning_rate', 'resolve_learning_rate', 'split_head_groups', 'build_optimizer', 'build_scheduler', 'clip_parameters']
 
@@ -87,9 +87,8 @@ def build_optimizer(model: nn.Module, cfg: argparse.Namespace) -> torch.optim.Op
     try:
         optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=cfg), **cfg.opt_kwargs, param_group_fn=group_fn)
     except (ValueError, TypeError) as e:
-        raise SettingError('opt', cfg.opt, f'cannot create this optimizer ({type(e).__name__}: '
-                                           f'{str(e).splitlines()[0][:200]}); see timm.optim.list_optimizers() and '
-                                           f'check opt_kwargs') from e
+        raise SettingError('opt', cfg.opt, f'cannot create this optimizer ({first_line(e, 200)}); see '
+                                           f'timm.optim.list_optimizers() and check opt_kwargs') from e
     summary = ', '.join(f'{k}: {v}' for k, v in {**optimizer.defaults, 'weight_decay': cfg.weight_decay}.items())
     _logger.info(f'Optimizer {type(optimizer).__name__} ({cfg.opt}): {summary}')
     if cfg.head_lr is not None:
@@ -107,8 +106,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: argparse.Namespace, u
             optimizer, **scheduler_kwargs(cfg, decreasing_metric=decreasing_metric),
             updates_per_epoch=updates_per_epoch)
     except (ValueError, AssertionError) as e:
-        raise SettingError('sched', cfg.sched, f'cannot create this schedule ({type(e).__name__}: '
-                                               f'{str(e).splitlines()[0][:200]}); check sched and its options') from e
+        raise SettingError('sched', cfg.sched, f'cannot create this schedule ({first_line(e, 200)}); check sched '
+                                               f'and its options') from e
     if scheduler is None:
         for group in optimizer.param_groups:
             if group.get('is_head'):

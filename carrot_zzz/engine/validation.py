@@ -28,7 +28,7 @@ from ..retrieval import retrieval_metrics
 from ..metrics import auroc, fpr_at_tpr, per_class_accuracy, split_metrics
 from ..registry import is_zzz_name, zzz_name
 from ..weights import describe_checkpoint, fit_state_dict, read_weights
-from .errors import SettingError
+from .errors import SettingError, first_line
 from .models import merge_model_kwargs
 from .precision import Precision, input_channels
 
@@ -94,7 +94,7 @@ def create_validation_model(cfg: argparse.Namespace, state_dict: Optional[Dict[s
         model = timm.create_model(name, pretrained=pretrained, in_chans=input_channels(cfg.in_chans, cfg.input_size),
                                   global_pool=cfg.gp, scriptable=cfg.torchscript, **kwargs)
     except (OSError, RuntimeError, TypeError, ValueError) as e:
-        why = f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
+        why = first_line(e, 200)
         fix = 'pass checkpoint=PATH to validate trained weights' if pretrained else 'check model_kwargs and the ' \
                                                                                     'model options'
         raise SettingError('model', name, f'cannot create it ({why}); {fix}') from e
@@ -117,7 +117,7 @@ def open_eval_split(cfg: argparse.Namespace, name: str, root: str, split: str, i
                               trust_remote_code=cfg.dataset_trust_remote_code, seed=cfg.seed)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError, AssertionError) as e:
         raise SettingError('split', split, f'cannot read this split of {name or "the image folder"} at {root} '
-                                           f'({type(e).__name__}: {str(e).splitlines()[0][:300]}); check data_dir, '
+                                           f'({first_line(e)}); check data_dir, '
                                            f'dataset and split') from e
 
 
@@ -203,7 +203,7 @@ def per_class_rows(scores: Dict[str, torch.Tensor], names: List[str]) -> List[Di
     target, pred = scores['target'], scores['pred']
     keep = (target >= 0) & (target < len(names))
     acc, support = per_class_accuracy(pred[keep], target[keep], len(names))
-    correct = torch.bincount(target[keep][pred[keep] == target[keep]], minlength=len(names))
+    correct = (acc.nan_to_num(0.0) * support).round().long()                 # acc_c = correct_c / n_c
     return [OrderedDict(class_index=c, class_name=names[c],
                         accuracy='' if support[c] == 0 else round(100 * acc[c].item(), 4),
                         correct=int(correct[c]), support=int(support[c])) for c in range(len(names))]
