@@ -1,7 +1,8 @@
 """What train.py and validate.py share on the command line.
 
 * `add`: one flag per call, in the scripts' flag tables; a switch when the default is False.
-* the data set reader flags and timm 1.0.31's multi-label flags, which both scripts take;
+* the flags both scripts take: device and precision, input size and normalisation, the data set reader flags,
+  timm 1.0.31's multi-label flags;
 * `parse_with_recipe`: the command line over the defaults of a `-c/--config` YAML recipe;
 * one-line errors: `fail`, and `setting_errors`, which turns the package's SettingError (named by argument) into
   a line that names the flag.
