@@ -14,6 +14,10 @@ with none of the carrot-zzz flags it trains the plain timm model. The flags this
     --head-init data      the classifier starts from a closed-form fit to the backbone's features of the training
                           split (ZZZ: per-class probabilistic PCA + a temperature; linear: a logistic-regression probe)
     --holdout-fraction F  evaluate each epoch (and pick model_best) on a held-out part of the training split
+    --calibrate {on,off}  at the end, one temperature fitted on the evaluation split and folded into
+                          model_best.safetensors (default: on when there is an evaluation split)
+    --zzz-v-shrink W, --zzz-decouple W    the ZZZ head's two penalties (ZZZHead.v_shrink_penalty /
+                          decoupling_penalty) added to the loss with these weights (default 0: off)
     --overwrite           allow a new run into an experiment folder that holds one already
 
 The work is done by carrot_zzz.engine (one module per phase, see its docstring); this script holds the flag table
@@ -33,6 +37,7 @@ from timm.utils import ParseKwargs, setup_default_logging, unwrap_model
 from carrot_zzz.carrot import RANK_NORMS
 from carrot_zzz.cli import (add, add_dataset_reader_flags, add_input_flags, add_precision_flags, add_task_flags, fail,
                             flag_name, flag_text, parse_with_recipe, setting_errors, single_label_error)
+from carrot_zzz.engine.calibration import CALIBRATE_CHOICES, export_calibration, wants_calibration
 from carrot_zzz.engine.checkpoints import CheckpointKeeper
 from carrot_zzz.engine.data import build_training_data
 from carrot_zzz.engine.errors import CheckpointWriteError, TrainingDiverged
@@ -289,6 +294,11 @@ def _carrot_zzz_flags(p: argparse.ArgumentParser) -> None:
                                      'to the features of the training split)', choices=HEAD_INITS)
     add(g, '--holdout-fraction', 0.0, 'evaluate and pick model_best on this fraction of each training class, held '
                                       'out; the evaluation split is then left alone', float)
+    add(g, '--calibrate', None, 'fit a temperature on the evaluation split at the end and fold it into '
+                                'model_best.safetensors (default: on when there is an evaluation split)',
+        choices=CALIBRATE_CHOICES)
+    add(g, '--zzz-v-shrink', 0.0, 'ZZZ head: weight of the shrinkage penalty on the subspace variances', float)
+    add(g, '--zzz-decouple', 0.0, 'ZZZ head: weight of the mean / subspace decoupling penalty', float)
     add(g, '--skip-bad-images', False, 'leave out missing, empty or truncated image files instead of stopping')
     add(g, '--overwrite', False, 'allow a new run into an experiment folder that holds one already')
 
@@ -350,6 +360,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[str]:
             model = place_model(create_training_model(cfg), cfg, precision)
             _logger.info(f'Model {cfg.model} created, param count:{sum(p.numel() for p in model.parameters())}')
             data = build_training_data(cfg, model, precision)
+            calibrate = wants_calibration(cfg, data)
             resolve_learning_rate(cfg)
             task = build_task(cfg, model, training_loss(cfg, data.soft_targets, data.aug_splits), precision)
             optimizer, scaler = build_optimizer(task.get_trainable_module(), cfg), loss_scaler(precision)
@@ -377,7 +388,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[str]:
             trainer = Trainer(cfg, task, optimizer, scheduler, scaler, precision, data, keeper, folder)
             continue_run(trainer, saved, start, same_folder)
             results = fit(trainer, start, min(epochs, cfg.stop_epoch or epochs), summary, _wandb(cfg, name))
-        return _finish(cfg, trainer, folder, results)
+        return _finish(cfg, trainer, folder, results, calibrate)
     except (TrainingDiverged, CheckpointWriteError) as e:
         fail(SCRIPT, flag_text(str(e), [a.dest for a in parser._actions]))
     finally:
@@ -385,8 +396,10 @@ def main(argv: Optional[List[str]] = None) -> Optional[str]:
             lock.release()
 
 
-def _finish(cfg: argparse.Namespace, trainer: Trainer, folder: Optional[str], results) -> Optional[str]:
-    """Leave the process group, export the best weights, print the best metric and timm's `--result` JSON."""
+def _finish(cfg: argparse.Namespace, trainer: Trainer, folder: Optional[str], results,
+            calibrate: bool) -> Optional[str]:
+    """Leave the process group, export the best weights (a temperature folded in when calibrating), print the best
+    metric and timm's `--result` JSON."""
     if cfg.distributed:
         import torch.distributed
         torch.distributed.destroy_process_group()
@@ -395,8 +408,9 @@ def _finish(cfg: argparse.Namespace, trainer: Trainer, folder: Optional[str], re
     if folder is None:
         return None
     task = trainer.task
+    fold = export_calibration(cfg, trainer.data, trainer.precision) if calibrate else None
     for path in export_best_weights(folder, unwrap_model(task.get_trainable_module()),
-                                    task.get_trainable_module(ema=True)):
+                                    task.get_trainable_module(ema=True), fold):
         _logger.info(f'Wrote weights to {path}')
     metric = cfg.eval_metric if trainer.data.eval_loader is not None else 'loss'
     ordered = sorted(results, key=lambda r: r.get('validation', r['train']).get(metric, 0),

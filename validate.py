@@ -12,10 +12,13 @@ over the whole split (formulas in carrot_zzz.metrics):
     nll             mean negative log-likelihood of the labels under softmax(logits), nats
     ece             expected calibration error of the max softmax probability, 15 equal-width bins (%)
     ood_*           with --ood-data-dir: AUROC and FPR at 95% TPR (%) of telling the split (positive) from the
-                    images there, by the max softmax probability (`_msp`) and, for ZZZ heads, the largest class
-                    log-likelihood (the logit without its bias, `_ll`)
+                    images there, by each score of carrot_zzz.ood: `_msp`, `_maxlogit`, `_energy` and, for ZZZ
+                    heads, `_maha` (minus the smallest squared Mahalanobis distance) and `_ll`
+    temperature, nll_calibrated, ece_calibrated
+                    with --fit-temperature SPLIT: the logit temperature fitted on SPLIT (or on train.py's held-out
+                    part, `holdout`) and the split's NLL / ECE with it (--save-calibrated writes those weights)
 
---per-class-csv writes each class's accuracy. --checkpoint takes .pth.tar / .pth (state_dict, or state_dict_ema
+--per-class-csv writes each class's accuracy. Class folders are matched to the checkpoint's class names. --checkpoint takes .pth.tar / .pth (state_dict, or state_dict_ema
 with --use-ema) and .safetensors, or a folder of them; the class count, head type and ZZZ rank come from it when
 not given. -c/--config RECIPE (not in timm) takes a train.py recipe's model and data settings as defaults:
 
@@ -28,6 +31,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
+from functools import partial
 from typing import List, Optional
 
 import torch
@@ -39,14 +43,18 @@ from timm.utils import (ParseKwargs, check_batch_size_retry, decay_batch_step, n
 
 from carrot_zzz.cli import (add, add_dataset_reader_flags, add_input_flags, add_precision_flags, add_task_flags, fail,
                             parse_with_recipe, setting_errors, single_label_error)
+from carrot_zzz.data.classes import dataset_class_names
 from carrot_zzz.engine.data import image_mode
 from carrot_zzz.engine.precision import fast_cuda_math, require_device, resolve_precision
-from carrot_zzz.engine.validation import (class_names, create_validation_model, open_eval_split, per_class_rows,
-                                          read_checkpoint, report, retrieval_fields, validation_loader, write_extras,
-                                          write_results, write_rows)
+from carrot_zzz.engine.calibration import HOLDOUT, calibrate_for_report
+from carrot_zzz.engine.validation import (checkpoint_class_names, class_names, create_validation_model, holdout_part,
+                                          match_classes, open_eval_split, per_class_rows, read_checkpoint, report,
+                                          retrieval_fields, validation_loader, write_extras, write_results,
+                                          write_rows)
 from carrot_zzz.evaluate import logits_and_embedding, predict
 from carrot_zzz.reliability import require_plotting
 from carrot_zzz.model import HEAD_TYPES
+from carrot_zzz.ood import OODScorer
 from carrot_zzz.zzz_head import ZZZHead
 
 _logger = logging.getLogger('validate')
@@ -116,6 +124,13 @@ def _flags(p: argparse.ArgumentParser) -> None:
     add(g, '--ood-dataset', '', 'data set name of --ood-data-dir (default: image folder)', metavar='NAME')
     add(g, '--ood-split', None, 'split of --ood-data-dir (default: --split)', metavar='NAME')
     add(g, '--per-class-csv', '', 'write every class\'s accuracy and support here', metavar='FILENAME')
+    add(g, '--fit-temperature', '', 'fit a logit temperature on this split (not --split), or "holdout": the part '
+                                    'train.py held out of --train-split', metavar='SPLIT')
+    add(g, '--save-calibrated', '', 'write the weights with the fitted temperature folded in (.safetensors)',
+        metavar='FILE')
+    add(g, '--train-split', 'train', 'the split train.py trained on (--fit-temperature holdout carves from it)')
+    add(g, '--holdout-fraction', 0.0, 'the fraction train.py held out of each class (--fit-temperature holdout)',
+        float)
     add(g, '--retrieval', False, 'also Recall@1/2/4/8, MAP@R and k-NN top-1 (k 1, 20) of the pooled embeddings')
     add(g, '--save-embeddings', '', 'write embeddings, labels, logits (ZZZ: log-likelihoods) to this .safetensors',
         metavar='FILE')
@@ -144,6 +159,7 @@ def check_args(cfg: argparse.Namespace) -> None:
         fail(SCRIPT, 'no data folder given; pass --data-dir DIR (an image folder, or the root of --dataset NAME)')
     if cfg.save_embeddings and not cfg.save_embeddings.endswith('.safetensors'):
         fail(SCRIPT, f'--save-embeddings {cfg.save_embeddings}: name a .safetensors file')
+    _check_temperature_flags(cfg)
     if cfg.reliability_plot and not cfg.reliability_plot.lower().endswith('.png'):
         fail(SCRIPT, f'--reliability-plot {cfg.reliability_plot}: name a .png file')
     if cfg.test_pool and (cfg.retrieval or cfg.save_embeddings):
@@ -155,12 +171,32 @@ def check_args(cfg: argparse.Namespace) -> None:
         except ImportError as e:
             fail(SCRIPT, f'--reliability-plot: {e}')
     for flag, path in (('--results-file', cfg.results_file), ('--per-class-csv', cfg.per_class_csv),
-                       ('--save-embeddings', cfg.save_embeddings), ('--reliability-plot', cfg.reliability_plot)):
+                       ('--save-embeddings', cfg.save_embeddings), ('--reliability-plot', cfg.reliability_plot),
+                       ('--save-calibrated', cfg.save_calibrated)):
         if path and os.path.dirname(path) and not os.path.isdir(os.path.dirname(path)):
             fail(SCRIPT, f'{flag} {path}: its folder does not exist; create it or pass another path')
     for flag, path in (('--valid-labels', cfg.valid_labels), ('--real-labels', cfg.real_labels)):
         if path and not os.path.isfile(path):
             fail(SCRIPT, f'{flag} {path}: no such file; pass the path of the labels file')
+
+
+def _check_temperature_flags(cfg: argparse.Namespace) -> None:
+    """--fit-temperature never on the split it reports; holdout needs --holdout-fraction and another split."""
+    if cfg.save_calibrated and not cfg.fit_temperature:
+        fail(SCRIPT, '--save-calibrated writes the weights with a fitted temperature; add --fit-temperature SPLIT')
+    if cfg.save_calibrated and not cfg.save_calibrated.endswith('.safetensors'):
+        fail(SCRIPT, f'--save-calibrated {cfg.save_calibrated}: name a .safetensors file')
+    if not cfg.fit_temperature:
+        return
+    if cfg.fit_temperature == cfg.split:
+        fail(SCRIPT, f'--fit-temperature {cfg.fit_temperature}: that is the split reported (--split); fit on another '
+                     f'split (e.g. holdout with --holdout-fraction F --seed S, as in training)')
+    if cfg.fit_temperature == HOLDOUT:
+        if not 0.0 < cfg.holdout_fraction < 1.0:
+            fail(SCRIPT, '--fit-temperature holdout: pass --holdout-fraction F (and --seed S) as given to train.py')
+        if cfg.train_split == cfg.split:
+            fail(SCRIPT, f'--fit-temperature holdout carves from --train-split {cfg.train_split}, the split reported; '
+                         f'report another --split')
 
 
 def _sklearn_metrics(cfg, scores) -> dict:
@@ -213,8 +249,9 @@ def validate(cfg: argparse.Namespace) -> OrderedDict:
         set_jit_fuser(cfg.fuser)
     if cfg.fast_norm:
         set_fast_norm()
-    state_dict = read_checkpoint(cfg.checkpoint, cfg.use_ema) if cfg.checkpoint else None
+    state_dict, meta = read_checkpoint(cfg.checkpoint, cfg.use_ema) if cfg.checkpoint else (None, {})
     raw = create_validation_model(cfg, state_dict)
+    names = checkpoint_class_names(cfg, meta, raw.num_classes) if state_dict is not None else None
     head = raw.get_classifier() if hasattr(raw, 'get_classifier') else None
     bias = head.bias.detach().float().clone() if isinstance(head, ZZZHead) else None
     param_count = sum(p.numel() for p in raw.parameters())
@@ -222,7 +259,8 @@ def validate(cfg: argparse.Namespace) -> OrderedDict:
     model, data_config, crop_pct = _prepare_model(cfg, precision, raw)
     root = cfg.data or cfg.data_dir
     img_mode = image_mode(cfg.input_img_mode, data_config)
-    dataset = open_eval_split(cfg, cfg.dataset, root, cfg.split, img_mode, cfg.class_map)
+    dataset = match_classes(open_eval_split(cfg, cfg.dataset, root, cfg.split, img_mode, cfg.class_map), names,
+                            cfg.split)
     subset = [int(line) for line in open(cfg.valid_labels)] if cfg.valid_labels else None
     real = None
     if cfg.real_labels:
@@ -230,30 +268,56 @@ def validate(cfg: argparse.Namespace) -> OrderedDict:
             fail(SCRIPT, f'--real-labels needs a data set that lists its file names (ImageNet validation as an '
                          f'image folder); {cfg.dataset or "this data set"} does not: remove --real-labels')
         real = RealLabelsImagenet(dataset.filenames(basename=True), real_json=cfg.real_labels)
-    score = dict(channels_last=cfg.channels_last, class_subset=subset, bias=bias)
-    embeds = cfg.retrieval or bool(cfg.save_embeddings)
-    scores = predict(model, validation_loader(cfg, dataset, data_config, crop_pct, precision, raw), precision,
-                     on_logits=real.add_result if real else None, log_every=cfg.log_freq, keep_logits=embeds,
-                     forward=logits_and_embedding(model) if embeds else None, **score)
+    score = _scoring(cfg, model, head, subset)
+    loader = partial(validation_loader, cfg, data_config=data_config, crop_pct=crop_pct, precision=precision,
+                     model=raw)
+    scores = predict(model, loader(dataset), precision, on_logits=real.add_result if real else None,
+                     log_every=cfg.log_freq, keep_logits=bool(cfg.retrieval or cfg.save_embeddings or
+                                                               cfg.fit_temperature), **score)
     if not scores:
         fail(SCRIPT, f'split {cfg.split!r} at {root} holds no samples; check --data-dir / --dataset / --split')
     ood = None
     if cfg.ood_data_dir:
         ood_set = open_eval_split(cfg, cfg.ood_dataset, cfg.ood_data_dir, cfg.ood_split or cfg.split, img_mode)
-        ood = predict(model, validation_loader(cfg, ood_set, data_config, crop_pct, precision, raw), precision,
-                      **score)
+        ood = predict(model, loader(ood_set), precision, **{**score, 'keep_embeddings': False})
     classes = len(subset) if subset is not None else cfg.num_classes
     real_top = {k: real.get_accuracy(k=k) for k in (1, 5)} if real else None
     results = report(cfg, scores, classes, param_count, data_config, crop_pct, ood, real_top,
                      _sklearn_metrics(cfg, scores))
     if cfg.retrieval:
         results.update(retrieval_fields(scores))
+    columns = class_names(names, dataset, cfg.num_classes)
+    columns = [columns[i] for i in subset] if subset is not None else columns
+    if cfg.fit_temperature:
+        fit_set = _temperature_split(cfg, root, img_mode, names)
+        results.update(calibrate_for_report(raw, model, scores, loader(fit_set), precision, cfg.fit_temperature,
+                                            cfg.save_calibrated, names or dataset_class_names(dataset)))
     _log_results(cfg, results, len(scores['target']), len(ood['target']) if ood else 0)
-    write_extras(cfg, scores, bias, class_names(dataset, classes), results)
+    write_extras(cfg, scores, bias, columns, results)
     if cfg.per_class_csv:
-        write_rows(cfg.per_class_csv, per_class_rows(scores, class_names(dataset, classes)))
+        write_rows(cfg.per_class_csv, per_class_rows(scores, columns))
         _logger.info(f'Per-class accuracy written to {cfg.per_class_csv}')
     return results
+
+
+def _scoring(cfg, model, head, subset) -> dict:
+    """predict's arguments: every OOD score (carrot_zzz.ood), and the embeddings where a result needs them (retrieval,
+    --save-embeddings; the ZZZ 'maha' score with --ood-data-dir; a ZZZ fold that may need them)."""
+    zzz = isinstance(head, ZZZHead)
+    keep = bool(cfg.retrieval or cfg.save_embeddings or (zzz and cfg.fit_temperature))
+    embeds = keep or (zzz and bool(cfg.ood_data_dir))
+    return dict(channels_last=cfg.channels_last, class_subset=subset, scorer=OODScorer(head, subset),
+                forward=logits_and_embedding(model) if embeds else None, keep_embeddings=keep)
+
+
+def _temperature_split(cfg, root: str, img_mode: str, names):
+    """The split --fit-temperature names, its classes matched to the checkpoint's; for 'holdout', the held-out part
+    of --train-split that train.py evaluated on with --holdout-fraction and --seed."""
+    split = cfg.train_split if cfg.fit_temperature == HOLDOUT else cfg.fit_temperature
+    dataset = match_classes(open_eval_split(cfg, cfg.dataset, root, split, img_mode, cfg.class_map), names, split)
+    if cfg.fit_temperature == HOLDOUT:
+        dataset = holdout_part(dataset, cfg.holdout_fraction, cfg.seed, split)
+    return dataset
 
 
 def _log_results(cfg, results, samples: int, ood_samples: int) -> None:

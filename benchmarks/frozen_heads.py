@@ -20,7 +20,9 @@ Setup (the data of docs/results.md):
   class-stratified 20% of the TRAIN features that init_from_features carves itself (seeded with the run's seed),
   then the Gaussians refitted on all of them. The test set is used for metrics only.
 - Metrics on the 1800 test images: carrot_zzz.metrics.classification_metrics (top-1, mean class accuracy, NLL,
-  ECE with 15 bins), mean ± sample std over the seeds. The seed sets the head's init, the batches and the
+  ECE with 15 bins), and the OOD AUROC of telling them from the 1000 test images of the held-out class "Bag"
+  (--ood-data-dir, written with `--train-per-class 0 --test-per-class 1000 --classes 8`) by each score of
+  carrot_zzz.ood: msp, maxlogit, energy for every head, maha for the ZZZ heads; mean ± sample std over the seeds. The seed sets the head's init, the batches and the
   holdout the temperature is fitted on; the features are the same for every seed.
 
 Command (from the repository root; CPU, 1 thread: about 1.5 minutes the first time, of which 45 s for the
@@ -44,12 +46,14 @@ from torch import nn
 from carrot_zzz import ZZZHead
 from carrot_zzz.data import create_dataset
 from carrot_zzz.head_fit import fit_linear_head
-from carrot_zzz.metrics import classification_metrics
+from carrot_zzz.metrics import classification_metrics, ood_metrics
+from carrot_zzz.ood import OODScorer
 
 NUM_CLASSES = 10     # Fashion-MNIST's labels 0-9; class 8 is absent from both splits
 MODEL = 'mobilenetv2_100'
 METRICS = [('top1', 'top-1 (%)', 100), ('mean_class_acc', 'mean class acc (%)', 100), ('nll', 'NLL', 1),
-           ('ece', 'ECE (%)', 100)]
+           ('ece', 'ECE (%)', 100)] + [(f'auroc_{s}', f'OOD AUROC {s} (%)', 100) for s in ('msp', 'maxlogit',
+                                                                                         'energy', 'maha')]
 
 # name -> (head kind, ZZZ rank, closed-form start, train)
 VARIANTS = {
@@ -69,7 +73,7 @@ def extract_features(args) -> dict:
     """{'train': (feats (N, 1280), labels (N,)), 'test': ...} of the frozen backbone, from the cache when it
     was made with the same data, weights and input size."""
     key = dict(model=MODEL, data_dir=os.path.abspath(args.data_dir), weights=os.path.abspath(args.weights),
-               img_size=args.img_size)
+               img_size=args.img_size, ood_data_dir=os.path.abspath(args.ood_data_dir))
     if os.path.isfile(args.cache):
         cached = torch.load(args.cache)
         if cached.get('key') == key:
@@ -80,14 +84,14 @@ def extract_features(args) -> dict:
     transform = create_transform(**config, is_training=False)
     print(f'features: {MODEL}, transform {transform}')
     out = dict(key=key)
-    for split in ('train', 'validation'):
-        dataset = create_dataset('fashion_mnist', root=args.data_dir, split=split, input_img_mode='RGB')
+    for name, root, split in (('train', args.data_dir, 'train'), ('test', args.data_dir, 'validation'),
+                              ('ood', args.ood_data_dir, 'validation')):
+        dataset = create_dataset('fashion_mnist', root=root, split=split, input_img_mode='RGB')
         dataset.transform = transform
         loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False, num_workers=0)
         with torch.inference_mode():
             batches = [(model(images), labels) for images, labels in loader]
-        out['test' if split == 'validation' else 'train'] = (torch.cat([f for f, _ in batches]),
-                                                             torch.cat([y for _, y in batches]).long())
+        out[name] = (torch.cat([f for f, _ in batches]), torch.cat([y for _, y in batches]).long())
     os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)
     torch.save(out, args.cache)
     return out
@@ -131,10 +135,16 @@ def train_head(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, args,
             step += 1
 
 
-def evaluate(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> dict:
+def evaluate(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, ood_feats: torch.Tensor) -> dict:
+    """classification_metrics on the test features, plus auroc_<score> of test (positive) against OOD features."""
     head.eval()
+    scorer = OODScorer(head)
     with torch.no_grad():
-        return classification_metrics(head(feats), labels)
+        logits = head(feats)
+        found = classification_metrics(logits, labels)
+        inside, outside = scorer(logits, feats), scorer(head(ood_feats), ood_feats)
+    found.update({f'auroc_{name}': ood_metrics(inside[name], outside[name])['auroc'] for name in inside})
+    return found
 
 
 # --- report -----------------------------------------------------------------------------------------------------
@@ -148,7 +158,8 @@ def markdown_table(results: dict, n_seeds: int) -> str:
     rows = ['| head | n | ' + ' | '.join(label for _, label, _ in METRICS) + ' |',
             '|---|---:|' + '---:|' * len(METRICS)]
     for name, runs in results.items():
-        cells = [mean_std([run[key] * scale for run in runs]) for key, _, scale in METRICS]
+        cells = [mean_std([run[key] * scale for run in runs]) if key in runs[0] else '–'
+                 for key, _, scale in METRICS]
         rows.append(f'| {name} | {n_seeds} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(rows)
 
@@ -157,6 +168,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description='Linear and ZZZ heads on frozen MobileNetV2 features (Fashion-MNIST 9).')
     p.add_argument('--data-dir', default='output/data/fmnist9', help='Fashion-MNIST idx files (train and t10k)')
     p.add_argument('--weights', default='weights/mobilenetv2_100_tv_in1k.safetensors')
+    p.add_argument('--ood-data-dir', default='output/data/fmnist_bag', help='Fashion-MNIST "Bag" only (OOD)')
     p.add_argument('--cache', default='output/frozen_heads/features.pt', help='feature cache (.pt)')
     p.add_argument('--img-size', type=int, default=64)
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
@@ -168,8 +180,9 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=1,
                    help='torch threads (1: OpenMP threads spin on a busy shared CPU, 2 ran 8x slower)')
     args = p.parse_args(argv)
-    if not os.path.isdir(args.data_dir) and not os.path.isfile(args.cache):
-        p.error(f'--data-dir {args.data_dir} is not a folder; write the subset first (see the docstring)')
+    for flag, folder in (('--data-dir', args.data_dir), ('--ood-data-dir', args.ood_data_dir)):
+        if not os.path.isdir(folder) and not os.path.isfile(args.cache):
+            p.error(f'{flag} {folder} is not a folder; write the subset first (see the docstring)')
     if not os.path.isfile(args.weights) and not os.path.isfile(args.cache):
         p.error(f'--weights {args.weights} not found; run benchmarks/convert_mobilenetv2.py first')
     if args.steps < 0 or args.batch_size < 1 or args.threads < 1 or len(set(args.seeds)) != len(args.seeds):
@@ -178,7 +191,7 @@ def main(argv=None):
 
     start = time.perf_counter()
     data = extract_features(args)
-    (train_x, train_y), (test_x, test_y) = data['train'], data['test']
+    (train_x, train_y), (test_x, test_y), (ood_x, _) = data['train'], data['test'], data['ood']
     print(f'features: train {tuple(train_x.shape)}, test {tuple(test_x.shape)}, '
           f'{time.perf_counter() - start:.1f} s')
 
@@ -194,10 +207,13 @@ def main(argv=None):
                 taus.append((info['tau'], info['sigma2_ppca']))
             if train:
                 train_head(head, train_x, train_y, args, seed)
-            results[name].append(evaluate(head, test_x, test_y))
+            results[name].append(evaluate(head, test_x, test_y, ood_x))
             run = results[name][-1]
             print(f'seed {seed} | {name}: top-1 {100 * run["top1"]:.2f}, ECE {100 * run["ece"]:.2f}, '
-                  f'NLL {run["nll"]:.3f}' + (f', tau {info["tau"]:.3g}' if 'tau' in info else ''))
+                  f'NLL {run["nll"]:.3f}, OOD AUROC msp {100 * run["auroc_msp"]:.1f} maxlogit '
+                  f'{100 * run["auroc_maxlogit"]:.1f} energy {100 * run["auroc_energy"]:.1f}'
+                  + (f' maha {100 * run["auroc_maha"]:.1f}' if 'auroc_maha' in run else '')
+                  + (f', tau {info["tau"]:.3g}' if 'tau' in info else ''))
 
     print()
     print(markdown_table(results, len(args.seeds)))

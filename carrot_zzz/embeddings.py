@@ -1,11 +1,13 @@
 """Embeddings out: a split's pooled embeddings, labels and logits in one .safetensors file, for retrieval, k-NN or
 plots in any tool that reads safetensors (torch, numpy, jax, ...).
 
-    save_embeddings('val_embeddings.safetensors', embeddings, labels, logits, log_likelihoods=None, class_names=None)
+    save_embeddings('val_embeddings.safetensors', embeddings, labels, logits, log_likelihoods=None, class_names=None,
+                    scores=None)
     data = load_embeddings('val_embeddings.safetensors')
 
 Tensors (N samples, D embedding size, C classes): 'embeddings' (N, D), 'labels' (N,) int64, 'logits' (N, C) and,
-when given, 'log_likelihoods' (N, C) (the ZZZ head's class log-likelihoods, logits without the bias); dtypes
+when given, 'log_likelihoods' (N, C) (the ZZZ head's class log-likelihoods, logits without the bias) and one
+'score_<name>' (N,) per out-of-distribution score (carrot_zzz.ood: msp, maxlogit, energy, maha, ll); dtypes
 are kept. The class names are a JSON list in the metadata entry 'class_names'. The file is written to a temporary
 name, synced and renamed (carrot_zzz.files.replacing), so an interrupted save never leaves a truncated file.
 """
@@ -54,13 +56,21 @@ def save_embeddings(
         logits: torch.Tensor,
         log_likelihoods: Optional[torch.Tensor] = None,
         class_names: Optional[Sequence[str]] = None,
+        scores: Optional[Dict[str, torch.Tensor]] = None,
 ) -> str:
-    """Write embeddings (N, D), labels (N,), logits (N, C), optionally log_likelihoods (N, C) and class_names (C
-    strings) to the .safetensors file path, atomically; returns the path. Tensors may be on any device."""
+    """Write embeddings (N, D), labels (N,), logits (N, C), optionally log_likelihoods (N, C), class_names (C
+    strings) and scores {name: (N,)} (stored as 'score_<name>') to the .safetensors file path, atomically; returns
+    the path. Tensors may be on any device."""
     import safetensors.torch
     path = _safetensors_path(path, 'save_embeddings')
     _check_shapes(embeddings, labels, logits, log_likelihoods, class_names)
-    given = dict(embeddings=embeddings, labels=labels.long(), logits=logits, log_likelihoods=log_likelihoods)
+    scores = dict(scores or {})
+    wrong = [name for name, value in scores.items() if tuple(value.shape) != (logits.shape[0],)]
+    if wrong:
+        raise ValueError(f'save_embeddings: scores must be ({logits.shape[0]},) per sample; {", ".join(wrong)} '
+                         f'are not')
+    given = dict(embeddings=embeddings, labels=labels.long(), logits=logits, log_likelihoods=log_likelihoods,
+                 **{f'score_{name}': value for name, value in scores.items()})
     tensors, storages = {}, set()
     for name, tensor in given.items():
         if tensor is None:
@@ -82,8 +92,8 @@ def save_embeddings(
 
 
 def load_embeddings(path: PathLike) -> Dict[str, Any]:
-    """{'embeddings', 'labels', 'logits', 'log_likelihoods' (only when saved): CPU tensors; 'class_names': list of
-    str or None} of a save_embeddings file. FileNotFoundError when missing, ValueError when it is not one."""
+    """{'embeddings', 'labels', 'logits', 'log_likelihoods' and 'score_<name>' (only when saved): CPU tensors;
+    'class_names': list of str or None} of a save_embeddings file. FileNotFoundError when missing, ValueError when it is not one."""
     from safetensors import safe_open
     path = _safetensors_path(path, 'load_embeddings')
     if not os.path.isfile(path):

@@ -65,27 +65,28 @@ def predict(
         precision: Precision,
         channels_last: bool = False,
         class_subset: Optional[Sequence[int]] = None,
-        bias: Optional[torch.Tensor] = None,
+        scorer: Optional[Callable] = None,
         on_logits: Optional[Callable[[torch.Tensor], None]] = None,
         tta: int = 0,
         forward: Optional[Callable] = None,
         keep_logits: bool = False,
+        keep_embeddings: bool = True,
         log_every: int = 0,
         log_name: str = 'Test',
         dataset_length: Optional[int] = None,
 ) -> Dict[str, torch.Tensor]:
-    """Per-sample scores (metrics.sample_scores, plus `max_ll`) of `model` over `loader`, on the CPU.
+    """Per-sample scores (metrics.sample_scores, plus `score_<name>` of the scorer) of `model` over `loader`, on
+    the CPU.
 
-    class_subset: keep these logit columns (the labels index into them). bias: the ZZZ head's bias (C,); then
-    max_ll (N,) = max_c (logit_c - bias_c), the largest class log-likelihood. on_logits(logits) sees every batch.
-    tta > 1: each group of tta consecutive inputs is one sample, its logits averaged. forward(images): logits, or
-    (logits, embedding) to keep the embeddings too (`embedding` (N, D) float32; see logits_and_embedding); default
-    model(images). keep_logits: keep `logits` (N, C) float32 too. log_every: a progress line every so many batches
-    (the only host syncs). dataset_length: the split's size, to drop DDP padding.
+    class_subset: keep these logit columns (the labels index into them). scorer(logits, embedding or None): a dict
+    of per-sample out-of-distribution scores (carrot_zzz.ood.OODScorer), kept as `score_<name>` (N,).
+    on_logits(logits) sees every batch. tta > 1: each group of tta consecutive inputs is one sample, its logits
+    averaged. forward(images): logits, or (logits, embedding) (see logits_and_embedding); default model(images).
+    keep_embeddings: keep the embeddings a forward gives (`embedding` (N, D) float32). keep_logits: keep `logits`
+    (N, C) float32 too. log_every: a progress line every so many batches (the only host syncs). dataset_length:
+    the split's size, to drop DDP padding.
     """
     model.eval()
-    if bias is not None and class_subset is not None:
-        bias = bias[list(class_subset)]
     kept: Dict[str, List[torch.Tensor]] = {}
     start, samples = time.time(), 0
     for index, (images, target) in enumerate(loader):
@@ -104,9 +105,9 @@ def predict(
         if on_logits is not None:
             on_logits(logits)
         batch = sample_scores(logits, target)
-        if bias is not None:
-            batch['max_ll'] = (logits - bias.to(logits)).max(1).values
-        if embedding is not None:
+        if scorer is not None:
+            batch.update({f'score_{name}': value for name, value in scorer(logits, embedding).items()})
+        if embedding is not None and keep_embeddings:
             batch['embedding'] = embedding
         if keep_logits:
             batch['logits'] = logits

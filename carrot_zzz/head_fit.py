@@ -54,11 +54,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .temperature import fit_inverse_temperature, nll_derivatives
+from .zzz_head import inverse_softplus_above
+
 __all__ = ['fit_zzz_head', 'fit_linear_head']
 
 _RELATIVE_EIG_TOL = 1e-9    # Gram eigenvalues below this fraction of the largest give no usable direction,
 _ROUNDING_EIG_TOL = 100.0   # nor those below 100 d eps^2 (eps of the features' dtype): rounding of unit vectors
-_FLOOR_MARGIN = 1e-6        # values at a floor are written as floor * (1 + margin): a finite raw value
 
 
 # --- input checks -----------------------------------------------------------------------------------------------
@@ -234,50 +236,6 @@ def _mahalanobis(x: torch.Tensor, means: torch.Tensor, basis: torch.Tensor, v: t
     return torch.cat(out, 1)
 
 
-def _nll_derivatives(half_q: torch.Tensor, a: torch.Tensor, target: torch.Tensor, beta: float,
-                     rows: int = 1024) -> Tuple[float, float, float]:
-    """(NLL, dNLL/dbeta, d2NLL/dbeta2) of the logits a - beta half_q, float64, in row chunks; half_q (N_h, K),
-    a (K,), target (N_h,) column indices."""
-    total = grad = curv = 0.0
-    for start in range(0, half_q.shape[0], rows):
-        hq, y = half_q[start:start + rows], target[start:start + rows].unsqueeze(1)
-        log_p = torch.log_softmax(a - beta * hq, 1)
-        weighted = log_p.exp().mul_(hq)                                      # p half_q
-        mean_q = weighted.sum(1)
-        total -= log_p.gather(1, y).sum().item()
-        grad += (hq.gather(1, y).squeeze(1) - mean_q).sum().item()
-        curv += ((weighted.mul_(hq)).sum(1) - mean_q.square()).clamp_min(0).sum().item()
-    n = half_q.shape[0]
-    return total / n, grad / n, curv / n
-
-
-def _fit_inverse_temperature(half_q: torch.Tensor, a: torch.Tensor, target: torch.Tensor,
-                             log_range: float = 18.0, iters: int = 100) -> Tuple[float, float]:
-    """(beta, NLL(beta)) for the beta in [e^-log_range, e^log_range] minimising the convex NLL(beta).
-
-    Safeguarded Newton in s = log beta from s = 0 (tau = 1): dNLL/ds = beta g, d2NLL/ds2 = beta^2 h + beta g;
-    the sign of g narrows a bracket [lo, hi] (g increases with beta), and a step that leaves it, or a non-convex
-    point, bisects it. Stops when a step moves s by less than 1e-10 or when |dNLL/ds| < 1e-9 nats: a held-out set
-    that the fit already classifies with a near-zero NLL (whose NLL only tends to 0 as tau -> 0) leaves tau at 1."""
-    lo, hi, s = -log_range, log_range, 0.0
-    for _ in range(iters):
-        beta = math.exp(s)
-        nll, g, h = _nll_derivatives(half_q, a, target, beta)
-        if abs(beta * g) < 1e-9:
-            break
-        if g < 0:
-            lo = s
-        else:
-            hi = s
-        slope, curvature = beta * g, beta * beta * h + beta * g
-        step = s - slope / curvature if curvature > 0 else math.nan
-        new_s = step if lo < step < hi else 0.5 * (lo + hi)
-        if abs(new_s - s) < 1e-10:
-            break
-        s = new_s
-    return beta, nll
-
-
 def _carve_holdout(labels: torch.Tensor, num_classes: int, fraction: float,
                    seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(fit_rows, holdout_rows): floor(fraction * n_c) samples of each class held out, chosen by a permutation
@@ -302,14 +260,6 @@ def _seeded_subset(index: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
 
 
 # --- writing the parameters -------------------------------------------------------------------------------------
-
-def _inverse_softplus_above(value: torch.Tensor, floor: float) -> torch.Tensor:
-    """raw with softplus(raw) + floor = value; values at or below the floor map to
-    softplus^-1(max(floor * margin, tiny)): very negative but finite (about log of that)."""
-    tiny = torch.finfo(value.dtype).tiny
-    y = (value - floor).clamp_min(max(floor * _FLOOR_MARGIN, tiny))
-    return y + torch.log(-torch.expm1(-y))                                   # log(exp(y) - 1), stable
-
 
 def _fitted_bias(counts: torch.Tensor, prior_bias: bool) -> torch.Tensor:
     """(K,) float64: log(n_c / mean n) (the class prior up to a constant, 0 when balanced), or zeros."""
@@ -344,12 +294,12 @@ def _write_zzz(head, fit: Dict[str, torch.Tensor], tau: float, prior_bias: bool,
     sigma2 = sigma2.clamp_min(head.sigma2_min)
     with torch.no_grad():
         head.mu.index_copy_(0, classes, fit['means'].to(head.mu))
-        head.sigma2_raw.copy_(_inverse_softplus_above(sigma2, head.sigma2_min))
+        head.sigma2_raw.copy_(inverse_softplus_above(sigma2, head.sigma2_min))
         if head.rank:
             for start in range(0, classes.numel(), block):     # (K, r, d) rows -> (K, d, r) columns, in blocks
                 head.A.index_copy_(0, classes[start:start + block],
                                    fit['basis'][start:start + block].transpose(1, 2).to(head.A))
-            head.v_raw.index_copy_(0, classes, _inverse_softplus_above(v, head.v_min).to(head.v_raw))
+            head.v_raw.index_copy_(0, classes, inverse_softplus_above(v, head.v_min).to(head.v_raw))
         head.bias.index_copy_(0, classes, _written_bias(fit, head.v_min, tau, prior_bias, calibrate).to(head.bias))
     refresh = getattr(head, '_parameters_changed', None)   # the head's eval-mode form, rebuilt from the new values
     if refresh is not None:
@@ -448,8 +398,8 @@ def fit_zzz_head(head, feats: torch.Tensor, labels: torch.Tensor,
     else:
         a = offset
     target = column[held_labels[held_rows]]
-    nll_before = _nll_derivatives(half_q, a, target, 1.0)[0]
-    beta, nll_after = _fit_inverse_temperature(half_q, a, target)
+    nll_before = nll_derivatives(half_q, a, target, 1.0)[0]
+    beta, nll_after = fit_inverse_temperature(half_q, a, target)
     tau = 1.0 / beta
     del half_q
 

@@ -1,4 +1,8 @@
-"""timm training task that adds the CARROT regulariser to the classification loss.
+"""timm training tasks that add to the classification loss the ZZZ head's penalties (PenalisedClassificationTask)
+and the CARROT regulariser (CarrotClassificationTask, which has the penalties too).
+
+    loss = criterion(logits, target) + w_v P_v + w_d P_d      P_v = ZZZHead.v_shrink_penalty(),
+                                                              P_d = ZZZHead.decoupling_penalty() (weights 0: off)
 
     logits, z = model(x, return_embedding=True)          one backbone pass; z (B, D), logits (B, C)
     y         = argmax(target) for soft targets           (mixup / cutmix / smoothing: dominant class)
@@ -19,6 +23,8 @@ from timm.task import ClassificationTask
 
 from .carrot import CarrotRegularizer, labels_from_target
 from .distributed import all_gather_nograd, all_gather_with_grad
+from .weights import unwrap_model
+from .zzz_head import ZZZHead
 
 CARROT_SCOPES = ('global', 'local')
 
@@ -32,7 +38,45 @@ def used_fraction(labels: torch.Tensor) -> torch.Tensor:
     return (count >= 2).float().mean()
 
 
-class CarrotClassificationTask(ClassificationTask):
+class PenalisedClassificationTask(ClassificationTask):
+    """ClassificationTask whose loss adds the ZZZ head's penalties, each with its weight (0: not computed):
+
+        loss = criterion(logits, target) + zzz_v_shrink * P_v + zzz_decouple * P_d
+
+    The returned dict carries task_loss and, for each penalty that is on, its value (zzz_v_shrink, zzz_decouple:
+    detached 0-d tensors, no host sync). Weights > 0 need a model whose classifier is a ZZZHead (ValueError).
+    """
+
+    def __init__(self, model: nn.Module, criterion: Optional[Union[nn.Module, Callable]] = None,
+                 zzz_v_shrink: float = 0.0, zzz_decouple: float = 0.0, **kwargs):
+        super().__init__(model, criterion, **kwargs)
+        self.penalty_weights = {name: weight for name, weight in
+                                (('zzz_v_shrink', zzz_v_shrink), ('zzz_decouple', zzz_decouple)) if weight}
+        if self.penalty_weights and not isinstance(self._head(), ZZZHead):
+            raise ValueError(f'{", ".join(self.penalty_weights)} penalise a ZZZ head; the model\'s classifier is '
+                             f'{type(self._head()).__name__}')
+
+    def _head(self) -> nn.Module:
+        return unwrap_model(self.trainable_module).get_classifier()
+
+    def head_penalties(self, loss: torch.Tensor, out: Dict[str, Any]) -> torch.Tensor:
+        """loss plus the weighted penalties that are on; their values go into `out`."""
+        head = self._head() if self.penalty_weights else None
+        for name, weight in self.penalty_weights.items():
+            value = head.v_shrink_penalty() if name == 'zzz_v_shrink' else head.decoupling_penalty()
+            loss = loss + weight * value
+            out[name] = value.detach()
+        return loss
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
+        output = self.trainable_module(input)
+        task_loss = self.criterion(output, target)
+        out = {'output': output, 'task_loss': task_loss.detach()}
+        out['loss'] = self.head_penalties(task_loss, out)
+        return out
+
+
+class CarrotClassificationTask(PenalisedClassificationTask):
     """ClassificationTask whose loss is criterion(logits, target) + carrot_weight * R(embedding, labels).
 
     Args:
@@ -46,6 +90,7 @@ class CarrotClassificationTask(ClassificationTask):
             gathered one for 'global'); with both, no host sync (P x K sampler).
         cuda_graph: replay the regulariser as a CUDA graph on CUDA (CarrotRegularizer(cuda_graph=True));
             None: whenever both static bounds are given. Eager elsewhere.
+        zzz_v_shrink, zzz_decouple: the ZZZ head's penalties (PenalisedClassificationTask).
     """
 
     def __init__(
@@ -58,11 +103,14 @@ class CarrotClassificationTask(ClassificationTask):
             max_classes: Optional[int] = None,
             max_per_class: Optional[int] = None,
             cuda_graph: Optional[bool] = None,
+            zzz_v_shrink: float = 0.0,
+            zzz_decouple: float = 0.0,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
     ):
-        super().__init__(model, criterion, device=device, dtype=dtype, verbose=verbose)
+        super().__init__(model, criterion, zzz_v_shrink=zzz_v_shrink, zzz_decouple=zzz_decouple, device=device,
+                         dtype=dtype, verbose=verbose)
         if scope not in CARROT_SCOPES:
             raise ValueError(f'carrot scope must be one of {CARROT_SCOPES}, got {scope!r}')
         self.carrot_weight = carrot_weight
@@ -86,5 +134,6 @@ class CarrotClassificationTask(ClassificationTask):
         output, embedding = self.trainable_module(input, return_embedding=True)
         task_loss = self.criterion(output, target)
         reg, stats = self.regularizer(embedding, target)
-        loss = task_loss + self.carrot_weight * reg
-        return {'loss': loss, 'output': output, 'task_loss': task_loss.detach(), **stats}
+        out = {'output': output, 'task_loss': task_loss.detach(), **stats}
+        out['loss'] = self.head_penalties(task_loss + self.carrot_weight * reg, out)
+        return out

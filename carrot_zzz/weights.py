@@ -8,6 +8,7 @@ The file is a plain safetensors state dict (keys `backbone.*`, `head.*` for a `_
 DDP / torch.compile wrappers are unwrapped on both sides, so the keys never carry 'module.' / '_orig_mod.'.
 """
 import argparse
+import json
 import logging
 import os
 from pathlib import Path
@@ -19,12 +20,14 @@ from torch import nn
 from .files import replacing
 
 __all__ = ['save_weights', 'load_weights', 'fit_state_dict', 'checkpoint_keys', 'is_whole_model_keys', 'head_info',
-           'describe_checkpoint']
+           'describe_checkpoint', 'CLASS_NAMES_KEY', 'TEMPERATURE_KEY']
 
 _logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DDP / torch.compile, in either order
+CLASS_NAMES_KEY = 'class_names'   # metadata entry (JSON list) and .pth.tar entry (list): names in label order
+TEMPERATURE_KEY = 'temperature'   # metadata entry: the logit temperature folded into the weights
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -233,10 +236,18 @@ def _state_dict_of(checkpoint: Any, use_ema: bool) -> Tuple[Dict[str, torch.Tens
     raise ValueError('it holds no state_dict / model entry nor a plain mapping of names to tensors')
 
 
+def _stored_entries(checkpoint: Any) -> Dict[str, str]:
+    """The metadata a training checkpoint carries beside its weights, as safetensors metadata strings:
+    class_names (a JSON list) when it holds a list."""
+    names = checkpoint.get(CLASS_NAMES_KEY) if isinstance(checkpoint, dict) else None
+    return {CLASS_NAMES_KEY: json.dumps(names)} if isinstance(names, list) else {}
+
+
 def read_weights(path: PathLike, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """(state_dict on CPU, metadata) of a .safetensors file, or of a torch checkpoint (.pth.tar / .pth / .bin:
     timm's training checkpoints included, read with weights_only; the EMA weights when use_ema and present); the
-    metadata of a torch checkpoint is {'entry': the dict entry read}. Wrapper prefixes (module., _orig_mod.) go.
+    metadata of a torch checkpoint is {'entry': the dict entry read} plus its class names (JSON, key
+    'class_names') when it has them. Wrapper prefixes (module., _orig_mod.) go.
 
     Raises FileNotFoundError for a missing file and ValueError for an unreadable (truncated / corrupt) one.
     """
@@ -250,8 +261,9 @@ def read_weights(path: PathLike, use_ema: bool = False) -> Tuple[Dict[str, torch
                 meta = dict(f.metadata() or {})
                 state_dict = {k: f.get_tensor(k) for k in f.keys()}
         else:
-            state_dict, entry = _state_dict_of(load_checkpoint_file(path), use_ema)
-            meta = {'entry': entry}
+            checkpoint = load_checkpoint_file(path)
+            state_dict, entry = _state_dict_of(checkpoint, use_ema)
+            meta = {'entry': entry, **_stored_entries(checkpoint)}
     except Exception as e:  # safetensors / torch.load errors on a truncated or corrupt file
         raise ValueError(
             f'{path} is not a readable weight file, it is truncated or corrupt ({type(e).__name__}: '

@@ -26,6 +26,7 @@ factorisation left, so both ONNX exporters translate it, and it is the faster ev
 are plain attributes (never in the state_dict, never pickled), rebuilt when the parameters change.
 """
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +124,17 @@ def _orthonormalising_factor(A: torch.Tensor, gram: torch.Tensor) -> torch.Tenso
         basis = A @ inv_r
         inv_r = inv_r @ _inverse_cholesky_factor(basis.transpose(1, 2) @ basis)
     return inv_r.to(A.dtype)
+
+
+_FLOOR_MARGIN = 1e-6        # values at a floor are written as floor * (1 + margin): a finite raw value
+
+
+def inverse_softplus_above(value: torch.Tensor, floor: float) -> torch.Tensor:
+    """raw with softplus(raw) + floor = value; values at or below the floor map to
+    softplus^-1(max(floor * margin, tiny)): very negative but finite (about log of that)."""
+    tiny = torch.finfo(value.dtype).tiny
+    y = (value - floor).clamp_min(max(floor * _FLOOR_MARGIN, tiny))
+    return y + torch.log(-torch.expm1(-y))                                   # log(exp(y) - 1), stable
 
 
 class ZZZHead(nn.Module):
@@ -228,8 +240,8 @@ class ZZZHead(nn.Module):
                 f'ZZZHead: expected features of shape (B, {self.feat_dim}), got {tuple(feats.shape)}; '
                 f'feat_dim must equal the embedding size of the backbone')
 
-    def log_likelihood(self, feats: torch.Tensor) -> torch.Tensor:
-        """Class log-likelihoods without the bias: (B, d) -> (B, C), float32 (float64 for float64 input)."""
+    def _distance_and_logdet(self, feats: torch.Tensor):
+        """(delta^T Sigma_c^-1 delta (B, C), log|Sigma_c| (C,)) in closed form, float32 (float64 for float64 input)."""
         self._check_features(feats)
         dtype = _compute_dtype(feats.dtype, self.mu.dtype)
         with torch.autocast(device_type=feats.device.type, enabled=False):
@@ -248,9 +260,48 @@ class ZZZHead(nn.Module):
             t = proj.transpose(0, 1) @ inv_r                                # (C, B, r)
             shrink = alpha * alpha * v / (1.0 + alpha * v)                  # (C, r)
             woodbury = (t.square() @ shrink.unsqueeze(2)).squeeze(2)        # (C, B): sum_k t_k^2 shrink_k
-            mahalanobis = alpha * dist2 - woodbury.T                       # (B, C)
+            distance = alpha * dist2 - woodbury.T                           # (B, C)
             logdet = A.shape[1] * torch.log(sigma2) + torch.log1p(alpha * v).sum(-1)  # (C,)
-            return -0.5 * (mahalanobis + logdet)
+            return distance, logdet
+
+    def mahalanobis(self, feats: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distances (B, C), (x - m_c)^T Sigma_c^-1 (x - m_c) for x = normalize(feats):
+        the Woodbury form of the logits without the log-determinant and the bias (no (B, C, d) tensor).
+        `-mahalanobis(feats).min(1).values` is the out-of-distribution score 'maha' (carrot_zzz.ood); a logit
+        temperature folded into the head divides it by T, which leaves the ranking of samples unchanged."""
+        return self._distance_and_logdet(feats)[0]
+
+    def log_likelihood(self, feats: torch.Tensor) -> torch.Tensor:
+        """Class log-likelihoods without the bias: (B, d) -> (B, C), float32 (float64 for float64 input)."""
+        distance, logdet = self._distance_and_logdet(feats)
+        return -0.5 * (distance + logdet)
+
+    # --- penalties of the design's ablations ----------------------------------------------------------------
+    def v_shrink_penalty(self) -> torch.Tensor:
+        """Shrinkage of the directional variances toward the isotropic Gaussian, a 0-d float32 tensor:
+
+            P_v = 1/C sum_c sum_k log(1 + v_ck / sigma^2)^2        (sigma^2 detached: only v is shrunk)
+
+        log(1 + v / sigma^2) is the log of the variance along U_ck relative to the isotropic variance (the term
+        of log|Sigma_c| it adds), so P_v is a Gaussian prior on it centred at 0 (v = 0): scale-free, zero
+        gradient at v = 0, and it bounds v's growth. A mean over classes, so that a weight means the same whatever
+        the class count. float32 (float64 head: float64); 0 at rank 0."""
+        dtype = _compute_dtype(self.mu.dtype)
+        v = self.variances(dtype)                                                   # (C, r)
+        return torch.log1p(v / self.sigma2(dtype).detach()).square().sum() / self.num_classes
+
+    def decoupling_penalty(self) -> torch.Tensor:
+        """mu-U decoupling, a 0-d float32 tensor (float64 head: float64):
+
+            P_d = 1/C sum_c ||U_c^T m_c||^2,    m_c = normalize(mu_c)
+
+        the energy of the class mean direction inside the class's own variance subspace, averaged over classes
+        (in [0, 1]). U_c^T m_c = M_c^T A_c^T m_c (basis_factors): U is never formed. 0 at rank 0."""
+        dtype = _compute_dtype(self.mu.dtype)
+        m = F.normalize(self.mu.to(dtype), dim=1)                                   # (C, d)
+        A, inv_r = self.basis_factors(dtype)                                        # (C, d, r), (C, r, r)
+        inside = (m.unsqueeze(1) @ A @ inv_r).squeeze(1)                            # (C, r) = (U_c^T m_c)^T
+        return inside.square().sum() / self.num_classes
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """Logits (B, C) = log_likelihood(feats) + bias; the same function through the inference form in eval
@@ -400,6 +451,32 @@ class ZZZHead(nn.Module):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__({**dict.fromkeys(_INFERENCE_ATTRS), **state})
         self._parameters_changed()
+
+    def divide_logits(self, temperature: float) -> bool:
+        """Fold a logit temperature T into the parameters in place: afterwards forward(x) = old forward(x) / T.
+
+        With Sigma_c' = T Sigma_c (sigma^2' = T sigma^2, v' = T v: alpha' v' = alpha v) the distance term is
+        divided by T and log|Sigma_c'| = log|Sigma_c| + d log T, so with beta = 1 / T
+
+            bias_c' = beta bias_c + (1 - beta) log|Sigma_c| / 2 + d log(T) / 2
+
+        makes every logit exactly beta times the old one (the calibrate='logits' temperature of
+        init_from_features). Returns True when T sigma^2 or some T v_ck fell below its floor (sigma2_min, v_min)
+        and was written at the floor: the fold is then approximate."""
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f'ZZZHead.divide_logits: the temperature must be a positive number, got {temperature}')
+        beta = 1.0 / temperature
+        with torch.no_grad():
+            v, sigma2 = self.variances(torch.float64), self.sigma2(torch.float64)
+            logdet = self.feat_dim * torch.log(sigma2) + torch.log1p(v / sigma2).sum(-1)          # (C,)
+            bias = beta * self.bias.double() + (1 - beta) * logdet / 2 + self.feat_dim * math.log(temperature) / 2
+            floored = bool(temperature * sigma2 < self.sigma2_min) or bool((temperature * v < self.v_min).any())
+            self.sigma2_raw.copy_(inverse_softplus_above(temperature * sigma2, self.sigma2_min))
+            if self.rank:
+                self.v_raw.copy_(inverse_softplus_above(temperature * v, self.v_min))
+            self.bias.copy_(bias)
+        self._parameters_changed()
+        return floored
 
     def init_from_features(self, feats: torch.Tensor, labels: torch.Tensor, holdout=None, **kwargs) -> dict:
         """Closed-form start on frozen features (N, d) with labels (N,): per-class probabilistic PCA plus one

@@ -7,7 +7,7 @@ Per class c with n_c samples, floor(fraction * n_c) are held out, at most n_c - 
 sample; a class of one sample holds none out). Which ones depends only on (labels, seed): every DDP rank and every
 resume carves the same split. The choice is a seeded random rank within each class (no loop over classes).
 """
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset
@@ -34,19 +34,29 @@ def stratified_holdout(targets: Sequence[int], fraction: float, seed: int) -> Tu
 
 
 class Part(Dataset):
-    """The samples `indices` of `dataset`. `transform` reads and sets the wrapped data set's own (timm's loaders set
-    it), and `targets` lists the part's labels (the P x K sampler reads them)."""
+    """The samples `indices` of `dataset`, optionally with its labels renumbered (label t becomes relabel[t]).
+    `transform` reads and sets the wrapped data set's own (timm's loaders set it), and `targets` lists the part's
+    labels (the P x K sampler reads them)."""
 
-    def __init__(self, dataset, indices: torch.Tensor, targets: Sequence[int]):
+    def __init__(self, dataset, indices: torch.Tensor, targets: Sequence[int],
+                 relabel: Optional[Sequence[int]] = None):
         self.dataset = dataset
         self.indices = [int(i) for i in indices]
-        self.targets = [int(targets[i]) for i in self.indices]
+        self.relabel = list(relabel) if relabel is not None else None
+        self.targets = [self._label(int(targets[i])) for i in self.indices]
+
+    def _label(self, target: int) -> int:
+        return self.relabel[target] if self.relabel is not None and 0 <= target < len(self.relabel) else target
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, index: int):
-        return self.dataset[self.indices[index]]
+        item = self.dataset[self.indices[index]]
+        if self.relabel is None:
+            return item
+        sample, target = item
+        return sample, self._label(int(target))
 
     @property
     def transform(self):

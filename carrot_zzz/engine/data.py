@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..data import create_dataset
+from ..data.classes import dataset_class_names, names_or_indices
 from ..data.holdout import Part, stratified_holdout
 from ..data.image_check import drop_samples, unreadable_images
 from ..sampler import PKBatchSampler, dataset_targets
@@ -65,6 +66,7 @@ class TrainingData:
     fit_view: Optional[Any] = None          # the training samples through the evaluation transform (head fit)
     holdout: bool = False                   # eval_dataset is a held-out part of the training split
     bad_train_images: List = field(default_factory=list)   # (path, reason) left out by skip_bad_images
+    class_names: Optional[List[str]] = None  # the training split's class names in label order (None: it has none)
 
 
 def image_mode(input_img_mode: Optional[str], data_config: Dict[str, Any]) -> str:
@@ -257,6 +259,7 @@ def build_training_data(cfg: argparse.Namespace, model: nn.Module, precision: Pr
             check_class_maps(train_set, eval_set, cfg)
     train_targets = dataset_targets(train_set)
     check_label_range(train_targets, cfg.num_classes, 'training')
+    names = dataset_class_names(train_set)
     if eval_set is not None:
         check_label_range(dataset_targets(eval_set), cfg.num_classes, 'evaluation')
     collate_fn, mixup_fn, soft_targets = _mixup(cfg, cfg.aug_splits)
@@ -267,4 +270,4 @@ def build_training_data(cfg: argparse.Namespace, model: nn.Module, precision: Pr
         eval_loader=eval_loader(cfg, eval_set, data_config, precision) if eval_set is not None else None,
         data_config=data_config, mixup_fn=mixup_fn, soft_targets=soft_targets, aug_splits=cfg.aug_splits,
         train_targets=train_targets, eval_dataset=eval_set, fit_view=fit_view, holdout=bool(cfg.holdout_fraction),
-        bad_train_images=bad)
+        bad_train_images=bad, class_names=names_or_indices(names, cfg.num_classes) if names else None)

@@ -5,11 +5,12 @@ then the best weights as safetensors. Plus resuming, which sets where the epochs
     results = fit(trainer, start, end)                 [{'epoch', 'train', 'validation'}] per evaluated epoch
     export_best_weights(folder, model, ema_model)      model_best(.ema).safetensors
 """
+import json
 import logging
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
@@ -17,7 +18,7 @@ from timm.utils import distribute_bn, unwrap_model
 from torch import nn
 
 from ..evaluate import epoch_metrics, predict
-from ..weights import load_checkpoint_file, save_weights
+from ..weights import CLASS_NAMES_KEY, load_checkpoint_file, save_weights
 from .checkpoints import set_rng_state, writing
 from .data import set_loader_epoch
 from .errors import SettingError, first_line
@@ -160,16 +161,20 @@ def fit(trainer: Trainer, start_epoch: int, end_epoch: int, summary: Optional[Su
     return results
 
 
-def export_best_weights(folder: str, model: nn.Module, ema_model: Optional[nn.Module] = None) -> List[str]:
+def export_best_weights(folder: str, model: nn.Module, ema_model: Optional[nn.Module] = None,
+                        calibrate: Optional[Callable[[nn.Module, str], Dict[str, str]]] = None) -> List[str]:
     """model_best.safetensors (and model_best_ema.safetensors) from model_best.pth.tar, or last.pth.tar when no
-    epoch was ranked: the weights alone, for validate.py and timm.create_model(pretrained_cfg_overlay=dict(file=)).
-    Weights that are not finite are not exported (a warning says so)."""
+    epoch was ranked: the weights alone, for validate.py and timm.create_model(pretrained_cfg_overlay=dict(file=)),
+    with the checkpoint's class names in the metadata. calibrate(module, file name): folds a temperature into the
+    loaded module in place and returns the metadata entries to add. Weights that are not finite are not exported
+    (a warning says so)."""
     source = os.path.join(folder, 'model_best.pth.tar')
     if not os.path.exists(source):
         source = os.path.join(folder, 'last.pth.tar')
         if not os.path.exists(source):
             return []
     checkpoint = load_checkpoint_file(source)
+    names = checkpoint.get(CLASS_NAMES_KEY)
     written = []
     for key, module, name in (('state_dict', model, 'model_best.safetensors'),
                               ('state_dict_ema', ema_model, 'model_best_ema.safetensors')):
@@ -180,6 +185,9 @@ def export_best_weights(folder: str, model: nn.Module, ema_model: Optional[nn.Mo
             continue
         module = unwrap_model(module)
         module.load_state_dict(checkpoint[key])
+        metadata = {CLASS_NAMES_KEY: json.dumps(names)} if isinstance(names, list) else {}
+        if calibrate is not None:
+            metadata.update(calibrate(module, name))
         with writing(name, folder):
-            written.append(str(save_weights(module, os.path.join(folder, name))))
+            written.append(str(save_weights(module, os.path.join(folder, name), metadata)))
     return written

@@ -21,6 +21,7 @@ import torch
 from timm.utils import AverageMeter, dispatch_clip_grad
 
 from ..carrot import NAN_WHEN_UNUSED
+from ..weights import CLASS_NAMES_KEY
 from .checkpoints import CheckpointKeeper, plain, rng_state
 from .data import TrainingData
 from .errors import TrainingDiverged
@@ -31,7 +32,8 @@ from .precision import Precision
 __all__ = ['Trainer', 'accumulation_group', 'updates_per_epoch']
 
 _logger = logging.getLogger(__name__)
-CARROT_TERMS = ('task_loss', 'R_var', 'R_rank')
+LOSS_TERMS = ('task_loss', 'R_var', 'R_rank', 'zzz_v_shrink', 'zzz_decouple')
+PENALTIES = ('zzz_v_shrink', 'zzz_decouple')
 
 
 def accumulation_group(index: int, batches: int, steps: int):
@@ -51,6 +53,12 @@ def _carrot_text(means: Dict[str, float]) -> str:
     return (f'  Task: {means["task_loss"]:#.3g}  R: {means["R"]:#.3g} (var {means["R_var"]:#.3g}, rank '
             f'{means["R_rank"]:#.3g})  Classes: {means["classes_used"]:.1f} ({100 * means["used_frac"]:.0f}% of '
             f'samples)  Min r: {means["min_r"]:.3g}  Min erank: {means["min_erank_frac"]:.3g}')
+
+
+def _penalty_text(means: Dict[str, float]) -> str:
+    """'  V shrink: 1.23  Decouple: 0.0456' for the ZZZ head's penalties that are on."""
+    words = {'zzz_v_shrink': 'V shrink', 'zzz_decouple': 'Decouple'}
+    return ''.join(f'  {words[name]}: {means[name]:#.3g}' for name in PENALTIES if name in means)
 
 
 @dataclass
@@ -78,9 +86,12 @@ class Trainer:
         return updates_per_epoch(len(self.data.train_loader), self.cfg.grad_accum_steps)
 
     def state(self) -> Dict[str, Any]:
-        """The checkpoint of the run as it stands (the keeper adds epoch, metric and its ranking)."""
+        """The checkpoint of the run as it stands (the keeper adds epoch, metric and its ranking), with the training
+        split's class names in label order (`class_names`) when it has them."""
         state = {'arch': self.cfg.model, 'optimizer': self.optimizer.state_dict(), 'version': 2,
                  'rng_state': rng_state(), 'args': plain(vars(self.cfg))}
+        if self.data.class_names is not None:
+            state[CLASS_NAMES_KEY] = list(self.data.class_names)
         if self.scaler is not None:
             state[self.scaler.state_dict_key] = self.scaler.state_dict()
         state.update(self.task.get_checkpoint_state())
@@ -129,7 +140,7 @@ class Trainer:
     def _check_finite(self, means: Dict[str, float], epoch: int, where: str) -> None:
         if math.isfinite(means.get('loss', 0.0)):
             return
-        terms = ', '.join(f'{k} {means[k]:.4g}' for k in CARROT_TERMS if k in means)
+        terms = ', '.join(f'{k} {means[k]:.4g}' for k in LOSS_TERMS if k in means)
         raise TrainingDiverged(
             f'the training loss became {means["loss"]} in epoch {epoch} ({where}{"; " + terms if terms else ""}); '
             f'the checkpoints written before are kept. Lower `lr` / `head_lr` (or `carrot_weight`), or clip '
@@ -149,7 +160,7 @@ class Trainer:
                 f'Time: {step_time.val:.3f}s, {samples / step_time.val:>7.2f}/s  '
                 f'({step_time.avg:.3f}s, {samples / step_time.avg:>7.2f}/s)  LR: {lr:.3e}  '
                 f'Data: {data_time.val:.3f} ({data_time.avg:.3f})')
-        _logger.info(line + (_carrot_text(recent) if 'R' in recent else ''))
+        _logger.info(line + (_carrot_text(recent) if 'R' in recent else '') + _penalty_text(recent))
 
     def _save_images(self, images: torch.Tensor, index: int) -> None:
         import torchvision.utils

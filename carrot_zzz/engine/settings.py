@@ -20,7 +20,7 @@ _logger = logging.getLogger(__name__)
 # numbers that must be finite and >= 0 when set: a NaN or negative rate, weight or decay trains nonsense quietly
 NON_NEGATIVE_SETTINGS = ('lr', 'lr_base', 'head_lr', 'warmup_lr', 'min_lr', 'weight_decay', 'head_weight_decay',
                          'carrot_weight', 'momentum', 'clip_grad', 'smoothing', 'drop', 'drop_path', 'drop_block',
-                         'mixup', 'cutmix', 'reprob', 'model_ema_decay')
+                         'mixup', 'cutmix', 'reprob', 'model_ema_decay', 'zzz_v_shrink', 'zzz_decouple')
 REMOTE_READERS = ('hfds', 'hfids', 'tfds', 'wds')   # these readers make or fetch their own data folder
 EVAL_METRICS = ('loss', 'top1', 'top5')
 CLIP_MODES = ('norm', 'value', 'agc')
@@ -74,6 +74,9 @@ def _check_head(cfg: argparse.Namespace) -> None:
             if getattr(cfg, name) is not None and (name != 'tta' or cfg.tta):
                 raise SettingError(name, getattr(cfg, name), 'assumes a linear head and does not apply to the ZZZ '
                                                              'head; remove it or use head=linear')
+    for name in ('zzz_v_shrink', 'zzz_decouple'):
+        if getattr(cfg, name) and not _uses_zzz_head(cfg):
+            raise SettingError(name, getattr(cfg, name), 'penalises the ZZZ head; add head=zzz or remove it')
     if cfg.head == 'linear':
         for name in HEAD_SETTINGS:
             if getattr(cfg, name) is not None:

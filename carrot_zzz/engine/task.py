@@ -1,5 +1,6 @@
-"""The training task of a run: timm's classification task (loss on the logits), or with CARROT the same plus
-w * R(embedding, class) (carrot_zzz.train_task); then torch.compile and DDP, in timm.task's order."""
+"""The training task of a run: timm's classification task (loss on the logits), with the ZZZ head's penalties when
+their weights are set, with CARROT the same plus w * R(embedding, class) (carrot_zzz.train_task); then
+torch.compile and DDP, in timm.task's order."""
 import argparse
 import logging
 
@@ -7,7 +8,7 @@ from timm.loss import create_classification_loss
 from timm.task import ClassificationTask
 from torch import nn
 
-from ..train_task import CarrotClassificationTask
+from ..train_task import CarrotClassificationTask, PenalisedClassificationTask
 from .errors import SettingError
 from .precision import Precision
 
@@ -45,14 +46,18 @@ def carrot_bounds(cfg: argparse.Namespace, world_size: int):
 
 def build_task(cfg: argparse.Namespace, model: nn.Module, criterion: nn.Module, precision: Precision):
     """The task on the device (EMA, compilation and DDP come later: fit.attach_ema, compile_and_distribute)."""
-    common = dict(device=precision.device, dtype=precision.model_dtype, verbose=cfg.rank == 0)
+    common = dict(device=precision.device, dtype=precision.model_dtype, verbose=cfg.rank == 0,
+                  zzz_v_shrink=cfg.zzz_v_shrink, zzz_decouple=cfg.zzz_decouple)
     if cfg.carrot:
         max_classes, max_per_class = carrot_bounds(cfg, cfg.world_size)
         task = CarrotClassificationTask(
             model, criterion, carrot_weight=cfg.carrot_weight, rank_norm=cfg.carrot_rank_norm,
             scope=cfg.carrot_scope, max_classes=max_classes, max_per_class=max_per_class, **common)
+    elif cfg.zzz_v_shrink or cfg.zzz_decouple:
+        task = PenalisedClassificationTask(model, criterion, **common)
     else:
-        task = ClassificationTask(model, criterion, **common)
+        task = ClassificationTask(model, criterion, device=precision.device, dtype=precision.model_dtype,
+                                  verbose=cfg.rank == 0)
     return task
 
 

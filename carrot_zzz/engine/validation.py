@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -22,25 +22,30 @@ from timm.data import create_loader
 from torch import nn
 
 from ..data import create_dataset
+from ..data.classes import dataset_class_names, label_map, names_or_indices, parse_class_names
+from ..data.holdout import Part, stratified_holdout
 from ..embeddings import save_embeddings
 from ..reliability import plot_reliability, reliability_bins
 from ..retrieval import retrieval_metrics
-from ..metrics import auroc, fpr_at_tpr, per_class_accuracy, split_metrics
+from ..metrics import ood_metrics, per_class_accuracy, split_metrics
+from ..ood import OOD_SCORES
+from ..sampler import dataset_targets
 from ..registry import is_zzz_name, zzz_name
-from ..weights import describe_checkpoint, fit_state_dict, read_weights
+from ..weights import CLASS_NAMES_KEY, describe_checkpoint, fit_state_dict, read_weights
 from .errors import SettingError, first_line
 from .models import merge_model_kwargs
 from .precision import Precision, input_channels
 
 __all__ = ['read_checkpoint', 'model_spec', 'create_validation_model', 'open_eval_split', 'validation_loader',
-           'class_names', 'report', 'retrieval_fields', 'write_extras', 'per_class_rows', 'write_rows',
+           'class_names', 'checkpoint_class_names', 'match_classes', 'holdout_part', 'report', 'retrieval_fields', 'write_extras', 'per_class_rows', 'write_rows',
            'write_results']
 
 _logger = logging.getLogger(__name__)
 
 
-def read_checkpoint(path: str, use_ema: bool) -> Dict[str, torch.Tensor]:
-    """The weights of a .pth.tar / .pth / .safetensors file (its EMA entry with use_ema); SettingError otherwise."""
+def read_checkpoint(path: str, use_ema: bool) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """(weights, metadata) of a .pth.tar / .pth / .safetensors file (its EMA entry with use_ema; metadata as
+    carrot_zzz.weights.read_weights gives it); SettingError otherwise."""
     if not os.path.isfile(path):
         raise SettingError('checkpoint', path, 'no such file; pass the path of a .pth.tar, .pth or .safetensors file')
     try:
@@ -49,7 +54,54 @@ def read_checkpoint(path: str, use_ema: bool) -> Dict[str, torch.Tensor]:
         raise SettingError('checkpoint', path, f'cannot read it ({str(e).split("(", 1)[-1].rstrip(")")}; it is '
                                                f'truncated or not a timm / carrot_zzz checkpoint') from e
     _logger.info(f'Loaded the weights of {path}' + (f' (entry {meta["entry"]})' if 'entry' in meta else ''))
-    return state_dict
+    return state_dict, meta
+
+
+def checkpoint_class_names(cfg: argparse.Namespace, meta: Dict[str, str], num_classes: int) -> Optional[List[str]]:
+    """The class names the checkpoint stores (label order), None when it has none (a warning says what that
+    means); SettingError when its entry is malformed."""
+    try:
+        names = parse_class_names(meta.get(CLASS_NAMES_KEY), num_classes)
+    except ValueError as e:
+        raise SettingError('checkpoint', cfg.checkpoint, f'{e}; it was not written by train.py / save_weights or '
+                                                         f'was altered') from e
+    if names is None and cfg.checkpoint:
+        _logger.warning(f'{cfg.checkpoint} stores no class names (an older or a timm checkpoint): the evaluation '
+                        f'classes are taken in the data set\'s own order, which must be the training order')
+    return names
+
+
+def match_classes(dataset, model_names: Optional[List[str]], split: str):
+    """The split with its labels renumbered to the model's classes by name (carrot_zzz.data.classes.label_map): a
+    missing class folder just has no samples; SettingError for a class the model does not know. Unchanged when
+    the model has no names, the data set none, or both agree."""
+    folder_names = dataset_class_names(dataset)
+    if model_names is None or folder_names is None or folder_names == model_names:
+        return dataset
+    try:
+        mapping = label_map(folder_names, model_names)
+    except ValueError as e:
+        raise SettingError('split', split, str(e)) from e
+    targets = dataset_targets(dataset)
+    if targets is None:
+        raise SettingError('split', split, 'its classes differ from the checkpoint\'s and its labels cannot be read '
+                                           'to renumber them; evaluate a data set with the training classes')
+    absent = len(model_names) - len(set(mapping))
+    _logger.info(f'Split {split}: its {len(folder_names)} classes matched to the checkpoint\'s by name'
+                 + (f'; {absent} of the checkpoint\'s {len(model_names)} classes have no samples here' if absent else ''))
+    return Part(dataset, torch.arange(len(targets)), targets, relabel=mapping)
+
+
+def holdout_part(dataset, fraction: float, seed: int, split: str):
+    """The held-out part train.py evaluates on with holdout_fraction=fraction and seed=seed (the same carving,
+    carrot_zzz.data.holdout.stratified_holdout, over the same labels)."""
+    targets = dataset_targets(dataset)
+    if targets is None:
+        raise SettingError('split', split, 'its labels cannot be read, so no held-out part can be carved from it')
+    _, held = stratified_holdout(targets, fraction, seed)
+    if held.numel() == 0:
+        raise SettingError('holdout_fraction', fraction, 'holds out no sample (too few per class); raise it')
+    return Part(dataset, held, targets)
 
 
 _SPEC_WORDS = {'num_classes': 'classes', 'head_type': 'as its head', 'zzz_rank': 'as its ZZZ rank'}
@@ -136,25 +188,20 @@ def validation_loader(cfg: argparse.Namespace, dataset, data_config: Dict[str, A
                          **common)
 
 
-def class_names(dataset, num_classes: int) -> List[str]:
-    """Class names in label order: dataset.classes, a timm reader's class_to_idx, else the indices."""
-    names = getattr(dataset, 'classes', None)
-    mapping = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
-    if names is None and mapping:
-        names = [None] * (max(mapping.values()) + 1)
-        for name, index in mapping.items():
-            names[index] = name
-    names = list(names or [])
-    return [str(names[i]) if i < len(names) and names[i] is not None else str(i) for i in range(num_classes)]
+def class_names(model_names: Optional[List[str]], dataset, num_classes: int) -> List[str]:
+    """The names of the logit columns: the checkpoint's, else the data set's (label order), else the indices."""
+    return names_or_indices(model_names or dataset_class_names(dataset), num_classes)
 
 
 def _ood_fields(scores: Dict[str, torch.Tensor], ood: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    """AUROC and FPR@95TPR (%) of the split (positive) against the OOD data, by max softmax prob and max log-lik."""
+    """AUROC and FPR@95TPR (%) of the split (positive) against the OOD data, for every score both have."""
     out = OrderedDict()
-    for tag, key in (('msp', 'conf'), ('ll', 'max_ll')):
+    for name in OOD_SCORES:
+        key = f'score_{name}'
         if key in scores and key in ood:
-            out[f'ood_auroc_{tag}'] = round(100 * auroc(scores[key], ood[key]), 4)
-            out[f'ood_fpr95_{tag}'] = round(100 * fpr_at_tpr(scores[key], ood[key], 0.95), 4)
+            found = ood_metrics(scores[key], ood[key])
+            out[f'ood_auroc_{name}'] = round(100 * found['auroc'], 4)
+            out[f'ood_fpr95_{name}'] = round(100 * found['fpr95'], 4)
     return out
 
 
@@ -184,13 +231,14 @@ def retrieval_fields(scores: Dict[str, torch.Tensor]) -> 'OrderedDict':
 
 def write_extras(cfg: argparse.Namespace, scores: Dict[str, torch.Tensor], bias: Optional[torch.Tensor],
                  names: List[str], results: Dict[str, Any]) -> None:
-    """--save-embeddings (embeddings, labels, logits, ZZZ log-likelihoods = logits - bias, class names) and
-    --reliability-plot (the split's reliability diagram, its ECE in the title)."""
+    """--save-embeddings (embeddings, labels, logits, ZZZ log-likelihoods = logits - bias, class names, every
+    out-of-distribution score) and --reliability-plot (the split's reliability diagram, its ECE in the title)."""
     if cfg.save_embeddings:
         logits = scores['logits']
         save_embeddings(cfg.save_embeddings, scores['embedding'], scores['target'], logits,
                         log_likelihoods=logits - bias[:logits.shape[1]].to(logits) if bias is not None else None,
-                        class_names=names)
+                        class_names=names, scores={key[len('score_'):]: value for key, value in scores.items()
+                                                   if key.startswith('score_')})
         _logger.info(f'Embeddings of {len(logits)} samples written to {cfg.save_embeddings}')
     if cfg.reliability_plot:
         bins = reliability_bins(scores['conf'], scores['hit1'])
