@@ -212,6 +212,8 @@ def _augmentation_flags(p: argparse.ArgumentParser) -> None:
 def _norm_ema_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('batch norm and weight averaging')
     add(g, '--bn-momentum', None, 'batch-norm momentum (default: the model\'s)', float)
+    add(g, '--bn-freeze-stats', False, 'batch-norm layers normalise with their (pretrained) running statistics while '
+                                       'training, and keep them; their weight and bias still train')
     add(g, '--bn-eps', None, 'batch-norm epsilon (default: the model\'s)', float)
     add(g, '--sync-bn', False, 'batch-norm statistics over all processes')
     add(g, '--dist-bn', 'reduce', 'after each epoch: reduce or broadcast batch-norm statistics, or "" (none)', str)
@@ -297,6 +299,8 @@ def _carrot_zzz_flags(p: argparse.ArgumentParser) -> None:
     add(g, '--calibrate', None, 'fit a temperature on the evaluation split at the end and fold it into '
                                 'model_best.safetensors (default: on when there is an evaluation split)',
         choices=CALIBRATE_CHOICES)
+    add(g, '--ood-tpr', 0.95, 'with --calibrate: the share of evaluation images the stored "unknown" threshold '
+                              'keeps', float)
     add(g, '--zzz-v-shrink', 0.0, 'ZZZ head: weight of the shrinkage penalty on the subspace variances', float)
     add(g, '--zzz-decouple', 0.0, 'ZZZ head: weight of the mean / subspace decoupling penalty', float)
     add(g, '--skip-bad-images', False, 'leave out missing, empty or truncated image files instead of stopping')

@@ -35,19 +35,20 @@ from functools import partial
 from typing import List, Optional
 
 import torch
-from timm.data import RealLabelsImagenet, resolve_data_config
-from timm.layers import apply_test_time_pool, set_fast_norm
+from timm.data import RealLabelsImagenet
+from timm.layers import set_fast_norm
 from timm.models import is_model, list_models
-from timm.utils import (ParseKwargs, check_batch_size_retry, decay_batch_step, natural_key, random_seed,
-                        reparameterize_model, set_jit_fuser, setup_default_logging)
+from timm.utils import (check_batch_size_retry, decay_batch_step, natural_key, random_seed, set_jit_fuser,
+                        setup_default_logging)
 
-from carrot_zzz.cli import (add, add_dataset_reader_flags, add_input_flags, add_precision_flags, add_task_flags, fail,
-                            parse_with_recipe, setting_errors, single_label_error)
+from carrot_zzz.cli import (add, add_dataset_reader_flags, add_input_flags, add_model_build_flags, add_precision_flags,
+                            add_task_flags, fail, parse_with_recipe, setting_errors, single_label_error)
 from carrot_zzz.data.classes import dataset_class_names
 from carrot_zzz.engine.data import image_mode
 from carrot_zzz.engine.precision import fast_cuda_math, require_device, resolve_precision
 from carrot_zzz.engine.calibration import HOLDOUT, calibrate_for_report
 from carrot_zzz.engine.validation import (checkpoint_class_names, class_names, create_validation_model, holdout_part,
+                                          prepare_model,
                                           match_classes, open_eval_split, per_class_rows, read_checkpoint, report,
                                           retrieval_fields, validation_loader, write_extras, write_results,
                                           write_rows)
@@ -78,9 +79,6 @@ def _flags(p: argparse.ArgumentParser) -> None:
     add(p, '-j --workers', 4, 'data-loader worker processes', int)
     add(p, '-b --batch-size', 256, 'evaluation batch', int)
     add_input_flags(p)
-    add(p, '--use-train-size', False, 'the training input size even where the model has a test size')
-    add(p, '--crop-pct', None, 'centre-crop fraction', float)
-    add(p, '--crop-mode', None, 'crop: center, squash or border (default: the model\'s)', str)
     add(p, '--crop-border-pixels', None, 'pixels cut off every border first', int)
     add(p, '--num-classes', None, 'classes of the classifier (default: the checkpoint\'s, else the model\'s)', int)
     add(p, '--gp', None, 'global pooling of the backbone (default: the model\'s)', str)
@@ -97,13 +95,7 @@ def _flags(p: argparse.ArgumentParser) -> None:
     add(p, '--fuser', '', 'TorchScript fuser: te, old or nvfuser', str)
     add(p, '--fast-norm', False, 'timm\'s fast normalisation layers')
     add(p, '--reparam', False, 'fold re-parameterisable blocks before validating')
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra create_model key=value')
-    add(p, '--torchcompile-mode', None, 'mode for torch.compile', str)
-    exclusive = p.add_mutually_exclusive_group()
-    add(exclusive, '--torchscript', False, 'TorchScript the model (plain timm models only)')
-    add(exclusive, '--torchcompile', None, 'torch.compile with this backend (bare flag: inductor)', str, nargs='?',
-        const='inductor')
-    add(exclusive, '--aot-autograd', False, 'functorch memory-efficient fusion')
+    add_model_build_flags(p)
     add(p, '--results-file', '', 'write the results here', str)
     add(p, '--results-format', 'csv', 'format of --results-file: csv or json', str)
     add(p, '--real-labels', '', 'ImageNet "real" labels JSON file', str)
@@ -126,6 +118,8 @@ def _flags(p: argparse.ArgumentParser) -> None:
     add(g, '--per-class-csv', '', 'write every class\'s accuracy and support here', metavar='FILENAME')
     add(g, '--fit-temperature', '', 'fit a logit temperature on this split (not --split), or "holdout": the part '
                                     'train.py held out of --train-split', metavar='SPLIT')
+    add(g, '--ood-tpr', 0.95, 'with --fit-temperature: the share of that split the "unknown" threshold keeps',
+        float)
     add(g, '--save-calibrated', '', 'write the weights with the fitted temperature folded in (.safetensors)',
         metavar='FILE')
     add(g, '--train-split', 'train', 'the split train.py trained on (--fit-temperature holdout carves from it)')
@@ -186,6 +180,8 @@ def _check_temperature_flags(cfg: argparse.Namespace) -> None:
         fail(SCRIPT, '--save-calibrated writes the weights with a fitted temperature; add --fit-temperature SPLIT')
     if cfg.save_calibrated and not cfg.save_calibrated.endswith('.safetensors'):
         fail(SCRIPT, f'--save-calibrated {cfg.save_calibrated}: name a .safetensors file')
+    if not 0.0 < cfg.ood_tpr <= 1.0:
+        fail(SCRIPT, f'--ood-tpr {cfg.ood_tpr}: pass the share of in-distribution images to keep, in (0, 1]')
     if not cfg.fit_temperature:
         return
     if cfg.fit_temperature == cfg.split:
@@ -213,30 +209,6 @@ def _sklearn_metrics(cfg, scores) -> dict:
             for name, fn in (('precision', precision_score), ('recall', recall_score), ('f1_score', f1_score))}
 
 
-def _prepare_model(cfg, precision, model):
-    """Re-parameterise, test-time pool, place, compile / script / fuse, DataParallel: (model, data config, crop)."""
-    if cfg.reparam:
-        model = reparameterize_model(model)
-    data_config = resolve_data_config(vars(cfg), model=model, use_test_size=not cfg.use_train_size, verbose=True)
-    pooled = False
-    if cfg.test_pool:
-        model, pooled = apply_test_time_pool(model, data_config)
-    model = model.to(device=precision.device, dtype=precision.model_dtype)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.torchscript:
-        model = torch.jit.script(model)
-    elif cfg.torchcompile:
-        torch._dynamo.reset()
-        model = torch.compile(model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode)
-    elif cfg.aot_autograd:
-        from functorch.compile import memory_efficient_fusion
-        model = memory_efficient_fusion(model)
-    if cfg.num_gpu > 1:
-        model = torch.nn.DataParallel(model, device_ids=list(range(cfg.num_gpu)))
-    return model, data_config, 1.0 if pooled else data_config['crop_pct']
-
-
 def validate(cfg: argparse.Namespace) -> OrderedDict:
     """Validate one model (one checkpoint); returns its results."""
     cfg.pretrained = cfg.pretrained or not cfg.checkpoint
@@ -256,7 +228,7 @@ def validate(cfg: argparse.Namespace) -> OrderedDict:
     bias = head.bias.detach().float().clone() if isinstance(head, ZZZHead) else None
     param_count = sum(p.numel() for p in raw.parameters())
     _logger.info(f'Model {cfg.model} created, param count: {param_count}')
-    model, data_config, crop_pct = _prepare_model(cfg, precision, raw)
+    model, data_config, crop_pct = prepare_model(cfg, precision, raw)
     root = cfg.data or cfg.data_dir
     img_mode = image_mode(cfg.input_img_mode, data_config)
     dataset = match_classes(open_eval_split(cfg, cfg.dataset, root, cfg.split, img_mode, cfg.class_map), names,
@@ -291,7 +263,7 @@ def validate(cfg: argparse.Namespace) -> OrderedDict:
     if cfg.fit_temperature:
         fit_set = _temperature_split(cfg, root, img_mode, names)
         results.update(calibrate_for_report(raw, model, scores, loader(fit_set), precision, cfg.fit_temperature,
-                                            cfg.save_calibrated, names or dataset_class_names(dataset)))
+                                            cfg.save_calibrated, names or dataset_class_names(dataset), cfg.ood_tpr))
     _log_results(cfg, results, len(scores['target']), len(ood['target']) if ood else 0)
     write_extras(cfg, scores, bias, columns, results)
     if cfg.per_class_csv:

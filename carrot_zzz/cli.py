@@ -49,6 +49,23 @@ def add_input_flags(group: argparse._ActionsContainer) -> None:
     add(group, '--interpolation', '', 'resize interpolation (default: the model\'s)', str)
 
 
+def add_model_build_flags(group: argparse._ActionsContainer) -> None:
+    """How validate.py and inference.py size, build and compile the model: the evaluation crop, --model-kwargs,
+    --torchcompile-mode and the exclusive --torchscript / --torchcompile / --aot-autograd."""
+    from timm.utils import ParseKwargs
+    add(group, '--use-train-size', False, 'the training input size even where the model has a test size')
+    add(group, '--crop-pct', None, 'centre-crop fraction', float)
+    add(group, '--crop-mode', None, 'crop: center, squash or border (default: the model\'s)', str)
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='extra create_model key=value')
+    add(group, '--torchcompile-mode', None, 'mode for torch.compile', str)
+    exclusive = group.add_mutually_exclusive_group()
+    add(exclusive, '--torchscript', False, 'TorchScript the model (plain timm models only)')
+    add(exclusive, '--torchcompile', None, 'torch.compile with this backend (bare flag: inductor)', str, nargs='?',
+        const='inductor')
+    add(exclusive, '--aot-autograd', False, 'functorch memory-efficient fusion')
+
+
 def add_dataset_reader_flags(group: argparse._ActionsContainer) -> None:
     """The reader flags of timm's two scripts, with timm's defaults and meanings."""
     add(group, '--dataset-download', False, 'let torch/ and tfds/ data sets download themselves when missing')

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ['topk_accuracy', 'per_class_accuracy', 'mean_class_accuracy', 'nll', 'calibration_bins', 'ece', 'auroc',
-           'fpr_at_tpr', 'sample_scores', 'split_metrics', 'classification_metrics', 'ood_metrics']
+           'fpr_at_tpr', 'threshold_at_tpr', 'sample_scores', 'split_metrics', 'classification_metrics', 'ood_metrics']
 
 
 def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> Dict[int, float]:
@@ -102,14 +102,20 @@ def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
     return (u / (n_in * n_out)).item()
 
 
-def fpr_at_tpr(scores_in: torch.Tensor, scores_out: torch.Tensor, tpr: float = 0.95) -> float:
-    """False-positive rate on scores_out at the highest threshold that keeps >= tpr of scores_in (s >= t)."""
+def threshold_at_tpr(scores_in: torch.Tensor, tpr: float = 0.95) -> float:
+    """The highest threshold t that keeps at least a tpr share of scores_in (N,) as s >= t (NaN when empty)."""
     n_in = scores_in.numel()
-    if n_in == 0 or scores_out.numel() == 0:
+    if n_in == 0:
         return math.nan
     k = max(1, math.ceil(tpr * n_in - 1e-9))                                 # positives to keep
-    threshold = torch.sort(scores_in.double().flatten(), descending=True).values[k - 1]
-    return (scores_out.double() >= threshold).double().mean().item()
+    return torch.sort(scores_in.double().flatten(), descending=True).values[k - 1].item()
+
+
+def fpr_at_tpr(scores_in: torch.Tensor, scores_out: torch.Tensor, tpr: float = 0.95) -> float:
+    """False-positive rate on scores_out at the highest threshold that keeps >= tpr of scores_in (s >= t)."""
+    if scores_in.numel() == 0 or scores_out.numel() == 0:
+        return math.nan
+    return (scores_out.double() >= threshold_at_tpr(scores_in, tpr)).double().mean().item()
 
 
 def sample_scores(logits: torch.Tensor, targets: torch.Tensor, k: int = 5) -> Dict[str, torch.Tensor]:

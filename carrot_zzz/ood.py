@@ -50,8 +50,9 @@ class OODScorer:
     """scores = OODScorer(head, class_subset)(logits (N, C'), embedding (N, D) or None): the OOD_SCORES that apply,
     each (N,) float32.
 
-    head: the model's classifier (ZZZ scores when it is a ZZZHead and the embedding is given). class_subset: the
-    logit columns kept (the logits given are already cut to them; the ZZZ scores use the same classes)."""
+    head: the model's classifier (ZZZ scores when it is a ZZZHead: maha from the embedding, or read back from the
+    logits without one). class_subset: the logit columns kept (the logits given are already cut to them; the ZZZ
+    scores use the same classes)."""
 
     def __init__(self, head: Optional[nn.Module], class_subset: Optional[Sequence[int]] = None):
         self.head = head if isinstance(head, ZZZHead) else None
@@ -66,10 +67,24 @@ class OODScorer:
 
     def __call__(self, logits: torch.Tensor, embedding: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         scores = logit_scores(logits)
-        if self.head is None or embedding is None:
+        if self.head is None:
             return scores
         bias = self._columns(self.head.bias.detach()).to(device=logits.device, dtype=torch.float32)
         scores['ll'] = (logits.float() - bias).max(1).values
-        distance = self._columns(self.head.mahalanobis(embedding.to(self.head.mu.device)))
+        if embedding is not None:
+            distance = self._columns(self.head.mahalanobis(embedding.to(self.head.mu.device)))
+        else:
+            distance = self._distance_from_logits(logits.double())
         scores['maha'] = -distance.min(1).values.float().to(logits.device)
         return scores
+
+    def _distance_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, C) squared distances read back from the logits when there is no embedding (an exported model gives
+        the logits only): delta^T Sigma_c^-1 delta = -2 (logit_c - bias_c) - log|Sigma_c|. Equal to
+        ZZZHead.mahalanobis up to the rounding of the logits (float32: about 1e-7 of |log|Sigma_c||)."""
+        head = self.head
+        with torch.no_grad():
+            v, sigma2 = head.variances(torch.float64), head.sigma2(torch.float64)
+            logdet = head.feat_dim * torch.log(sigma2) + torch.log1p(v / sigma2).sum(-1)            # (C,)
+            offset = self._columns(head.bias.detach().double() * 2 - logdet).to(logits.device)
+        return offset - 2 * logits

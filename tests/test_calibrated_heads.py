@@ -205,3 +205,13 @@ def test_part_relabels_samples_and_targets():
     data = [(f'img{i}', i % 3) for i in range(6)]
     part = Part(data, torch.arange(6), [t for _, t in data], relabel=[5, 0, 2])
     assert part.targets == [5, 0, 2, 5, 0, 2] and part[1] == ('img1', 0) and part[3] == ('img3', 5)
+
+
+def test_threshold_at_tpr_is_the_highest_that_keeps_the_share():
+    from carrot_zzz.metrics import threshold_at_tpr
+    torch.manual_seed(0)
+    scores = torch.randn(1000)
+    for tpr in (0.5, 0.95, 1.0):
+        t = threshold_at_tpr(scores, tpr)
+        assert int((scores >= t).sum()) >= tpr * 1000
+        assert int((scores > t).sum()) < tpr * 1000          # any higher threshold keeps fewer

@@ -81,6 +81,10 @@ def test_validate_fits_the_same_temperature_on_the_same_holdout(runs, data_dir, 
                        '--save-calibrated', str(saved)])
     expected = float(_metadata(os.path.join(folder, 'model_best.safetensors'))['temperature'])
     assert r['temperature'] == pytest.approx(expected, rel=1e-5)
+    stored = _metadata(os.path.join(folder, 'model_best.safetensors'))
+    assert r['ood_score'] == stored['ood_score'] == ('maha' if name == 'zzz' else 'maxlogit')
+    assert r['ood_threshold'] == pytest.approx(float(stored['ood_threshold']), rel=1e-4, abs=1e-5)
+    assert float(stored['ood_tpr']) == 0.95
     assert r['nll_calibrated'] < r['nll'] and {'ece_calibrated', 'temperature'} <= r.keys()
     ours, theirs = read_weights(saved)[0], read_weights(os.path.join(folder, 'model_best.safetensors'))[0]
     for key in theirs:

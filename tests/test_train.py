@@ -572,3 +572,21 @@ def test_head_init_runs_once_not_on_resume(data_dir, tmp_path, caplog):
     caplog.clear()
     run(data_dir, tmp_path, 'once', *flags, epochs=2)
     assert not any('Head fitted to the data' in r.message for r in caplog.records)
+
+
+def test_bn_freeze_stats_keeps_running_statistics(data_dir, tmp_path):
+    """--bn-freeze-stats: every batch-norm layer normalises with its running statistics and never updates them
+    (num_batches_tracked stays 0, running_mean unchanged) while its affine weights still train."""
+    flags = ['--model', 'test_resnet', '--epochs', '1']
+    states = {}
+    for name, extra in (('frozen', ['--bn-freeze-stats']), ('plain', [])):
+        folder = run(data_dir, tmp_path, name, *flags, *extra, epochs=1)
+        states[name] = torch.load(os.path.join(folder, 'last.pth.tar'), weights_only=True)['state_dict']
+    start = timm.create_model('test_resnet', num_classes=NUM_CLASSES).state_dict()
+    frozen, plain = states['frozen'], states['plain']
+    tracked = [k for k in frozen if k.endswith('num_batches_tracked')]
+    assert tracked and all(int(frozen[k]) == 0 for k in tracked) and all(int(plain[k]) > 0 for k in tracked)
+    for key in (k.replace('num_batches_tracked', 'running_mean') for k in tracked):
+        assert torch.equal(frozen[key], start[key]) and not torch.equal(plain[key], start[key])
+    weights = [k.replace('num_batches_tracked', 'weight') for k in tracked]
+    assert any(not torch.equal(frozen[k], start[k]) for k in weights)

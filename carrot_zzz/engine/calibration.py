@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..evaluate import logits_and_embedding, predict
-from ..metrics import classification_metrics
+from ..metrics import classification_metrics, threshold_at_tpr
+from ..ood import OODScorer, default_ood_score
 from ..temperature import fit_temperature, fold_temperature
 from ..weights import CLASS_NAMES_KEY, TEMPERATURE_KEY, save_weights
 from ..zzz_head import ZZZHead
@@ -71,9 +72,11 @@ def calibrated_logits(model: nn.Module, scored: Dict[str, torch.Tensor], info: D
     return scored['logits'] / info['temperature']
 
 
-def calibrate_head(model: nn.Module, scored: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+def calibrate_head(model: nn.Module, scored: Dict[str, torch.Tensor], ood_tpr: float = 0.95) -> Dict[str, Any]:
     """Fit T on the scored split and fold it into the model's head (in place); returns temperature, samples,
-    identifiable, nll / ece before and after on that split (ece as a fraction), floored. A split classified without
+    identifiable, nll / ece before and after on that split (ece as a fraction), floored, and the threshold of the
+    "unknown" answer on the folded head's scores of that split (ood_score, ood_threshold, ood_tpr; see
+    _ood_threshold). A split classified without
     a single error leaves T = 1 (identifiable False: no finite temperature minimises its NLL). ValueError when the
     head cannot fold."""
     head = foldable_head(model)
@@ -85,9 +88,21 @@ def calibrate_head(model: nn.Module, scored: Dict[str, torch.Tensor]) -> Dict[st
     info = dict(temperature=found['temperature'], samples=int(target.numel()), identifiable=found['identifiable'],
                 floored=floored)
     before = classification_metrics(logits, target)
-    after = classification_metrics(calibrated_logits(model, scored, info), target)
+    after_logits = calibrated_logits(model, scored, info)
+    after = classification_metrics(after_logits, target)
     info.update(nll_before=before['nll'], nll_after=after['nll'], ece_before=before['ece'], ece_after=after['ece'])
+    info.update(_ood_threshold(head, after_logits, scored.get('embedding'), ood_tpr))
     return info
+
+
+def _ood_threshold(head: nn.Module, logits: torch.Tensor, embedding: Optional[torch.Tensor],
+                   tpr: float) -> Dict[str, Any]:
+    """ood_score (maha for a ZZZ head, maxlogit otherwise), ood_threshold (the value of that score, of the folded
+    head, that keeps a tpr share of the split's images: carrot_zzz.metrics.threshold_at_tpr), ood_tpr."""
+    name = default_ood_score(head)
+    with torch.no_grad():
+        scores = OODScorer(head)(logits, embedding)
+    return dict(ood_score=name, ood_threshold=threshold_at_tpr(scores[name], tpr), ood_tpr=tpr)
 
 
 def describe_calibration(info: Dict[str, Any], where: str) -> str:
@@ -128,16 +143,19 @@ def export_calibration(cfg: argparse.Namespace, data: TrainingData,
         if next(module.parameters()).device != precision.device:
             _logger.info(f'{name}: not calibrated (its weights are on {next(module.parameters()).device})')
             return {}
-        info = calibrate_head(module, score_split(module, loader, precision, channels_last=cfg.channels_last))
-        _logger.info(f'{name}: {describe_calibration(info, where)}')
+        info = calibrate_head(module, score_split(module, loader, precision, channels_last=cfg.channels_last),
+                              cfg.ood_tpr)
+        _logger.info(f'{name}: {describe_calibration(info, where)}; "unknown" below {info["ood_score"]} '
+                     f'{info["ood_threshold"]:.6g} (keeps {100 * info["ood_tpr"]:g}% of that split)')
         return _metadata(info, where)
     return calibrate
 
 
 def _metadata(info: Dict[str, Any], where: str, names: Optional[List[str]] = None) -> Dict[str, str]:
     """Safetensors metadata of folded weights: temperature, calibration (JSON: split, samples, NLL / ECE before and
-    after), class names when given."""
-    meta = {TEMPERATURE_KEY: repr(info['temperature']), 'calibration': json.dumps({'split': where, **info})}
+    after, ...), ood_score / ood_threshold / ood_tpr (the "unknown" threshold), class names when given."""
+    meta = {TEMPERATURE_KEY: repr(info['temperature']), 'calibration': json.dumps({'split': where, **info}),
+            'ood_score': info['ood_score'], 'ood_threshold': repr(info['ood_threshold']), 'ood_tpr': repr(info['ood_tpr'])}
     if names is not None:
         meta[CLASS_NAMES_KEY] = json.dumps(list(names))
     return meta
@@ -145,12 +163,13 @@ def _metadata(info: Dict[str, Any], where: str, names: Optional[List[str]] = Non
 
 def calibrate_for_report(raw: nn.Module, model: nn.Module, scores: Dict[str, torch.Tensor], fit_loader,
                          precision: Precision, fit_split: str, save_path: str = '',
-                         names: Optional[List[str]] = None) -> 'OrderedDict[str, float]':
+                         names: Optional[List[str]] = None, ood_tpr: float = 0.95) -> 'OrderedDict[str, Any]':
     """validate.py --fit-temperature: T fitted on fit_loader's split and folded into raw's head; returns the
     result fields temperature, nll_calibrated, ece_calibrated (%) of the reported split (`scores`, scored before
-    the fold, logits kept). save_path: the folded weights written there (carrot_zzz.save_weights) with T and the
-    class names in the metadata."""
-    info = calibrate_head(raw, score_split(model, fit_loader, precision, log_name='Temperature'))
+    the fold, logits kept), and ood_score / ood_threshold (fitted on the fit split, see calibrate_head).
+    save_path: the folded weights written there (carrot_zzz.save_weights) with T, the threshold and the class
+    names in the metadata."""
+    info = calibrate_head(raw, score_split(model, fit_loader, precision, log_name='Temperature'), ood_tpr)
     where = 'the held-out part of the training split' if fit_split == HOLDOUT else f'split {fit_split}'
     _logger.info(describe_calibration(info, where))
     before = classification_metrics(scores['logits'], scores['target'])
@@ -161,4 +180,5 @@ def calibrate_for_report(raw: nn.Module, model: nn.Module, scores: Dict[str, tor
         save_weights(raw, save_path, _metadata(info, where, names))
         _logger.info(f'Calibrated weights written to {save_path}')
     return OrderedDict(temperature=round(info['temperature'], 6), nll_calibrated=round(after['nll'], 4),
-                       ece_calibrated=round(100 * after['ece'], 4))
+                       ece_calibrated=round(100 * after['ece'], 4), ood_score=info['ood_score'],
+                       ood_threshold=info['ood_threshold'])

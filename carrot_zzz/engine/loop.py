@@ -29,7 +29,7 @@ from .means import RunningMeans
 from .optim import clip_parameters
 from .precision import Precision
 
-__all__ = ['Trainer', 'accumulation_group', 'updates_per_epoch']
+__all__ = ['Trainer', 'accumulation_group', 'updates_per_epoch', 'freeze_batch_norm_statistics']
 
 _logger = logging.getLogger(__name__)
 LOSS_TERMS = ('task_loss', 'R_var', 'R_rank', 'zzz_v_shrink', 'zzz_decouple')
@@ -53,6 +53,15 @@ def _carrot_text(means: Dict[str, float]) -> str:
     return (f'  Task: {means["task_loss"]:#.3g}  R: {means["R"]:#.3g} (var {means["R_var"]:#.3g}, rank '
             f'{means["R_rank"]:#.3g})  Classes: {means["classes_used"]:.1f} ({100 * means["used_frac"]:.0f}% of '
             f'samples)  Min r: {means["min_r"]:.3g}  Min erank: {means["min_erank_frac"]:.3g}')
+
+
+def freeze_batch_norm_statistics(model: torch.nn.Module) -> int:
+    """Put every batch-norm layer of `model` in eval mode (after model.train()): it normalises with its running
+    statistics and no longer updates them, while its weight and bias still train. Returns how many layers."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        layer.eval()
+    return len(layers)
 
 
 def _penalty_text(means: Dict[str, float]) -> str:
@@ -186,6 +195,8 @@ class Trainer:
         cfg, loader = self.cfg, self.data.train_loader
         self._stop_mixup(epoch)
         self.task.get_trainable_module().train()
+        if cfg.bn_freeze_stats:
+            freeze_batch_norm_statistics(self.task.get_trainable_module())
         running, window = RunningMeans(NAN_WHEN_UNUSED), RunningMeans(NAN_WHEN_UNUSED)
         step_time, data_time = AverageMeter(), AverageMeter()
         batches, steps = len(loader), cfg.grad_accum_steps

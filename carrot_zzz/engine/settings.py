@@ -41,6 +41,8 @@ def _check_numbers(cfg: argparse.Namespace) -> None:
         raise SettingError('save_epochs', cfg.save_epochs, 'pass numbers of completed epochs (>= 1)')
     if not 0.0 <= cfg.holdout_fraction < 1.0:
         raise SettingError('holdout_fraction', cfg.holdout_fraction, 'pass a fraction in [0, 1) (0: no holdout)')
+    if not 0.0 < cfg.ood_tpr <= 1.0:
+        raise SettingError('ood_tpr', cfg.ood_tpr, 'pass the share of in-distribution images to keep, in (0, 1]')
     if cfg.zzz_rank is not None and cfg.zzz_rank < 0:
         raise SettingError('zzz_rank', cfg.zzz_rank, 'must be >= 0 (0 is the cosine head)')
     if cfg.eval_metric not in EVAL_METRICS:

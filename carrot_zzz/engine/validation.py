@@ -18,7 +18,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 import torch
-from timm.data import create_loader
+from timm.data import create_loader, resolve_data_config
+from timm.layers import apply_test_time_pool
+from timm.utils import reparameterize_model
 from torch import nn
 
 from ..data import create_dataset
@@ -37,7 +39,7 @@ from .models import merge_model_kwargs
 from .precision import Precision, input_channels
 
 __all__ = ['read_checkpoint', 'model_spec', 'create_validation_model', 'open_eval_split', 'validation_loader',
-           'class_names', 'checkpoint_class_names', 'match_classes', 'holdout_part', 'report', 'retrieval_fields', 'write_extras', 'per_class_rows', 'write_rows',
+           'prepare_model', 'class_names', 'checkpoint_class_names', 'match_classes', 'holdout_part', 'report', 'retrieval_fields', 'write_extras', 'per_class_rows', 'write_rows',
            'write_results']
 
 _logger = logging.getLogger(__name__)
@@ -115,7 +117,7 @@ def model_spec(cfg: argparse.Namespace, state_dict: Optional[Dict[str, torch.Ten
     if not is_zzz_name(name) and (cfg.head or cfg.zzz_rank is not None or info.get('whole')):
         name = zzz_name(name)
         if info.get('whole'):
-            _logger.info(f'{cfg.checkpoint} holds a carrot_zzz model (backbone.* / head.*): validating {name}')
+            _logger.info(f'{cfg.checkpoint} holds a carrot_zzz model (backbone.* / head.*): using {name}')
     from_flags = {'num_classes': cfg.num_classes}
     if is_zzz_name(name):
         from_flags.update(head_type=cfg.head, zzz_rank=cfg.zzz_rank)
@@ -158,6 +160,30 @@ def create_validation_model(cfg: argparse.Namespace, state_dict: Optional[Dict[s
                                                              f'model, num_classes and zzz_rank') from e
     cfg.model, cfg.num_classes = name, model.num_classes
     return model
+
+
+def prepare_model(cfg: argparse.Namespace, precision: Precision, model: nn.Module):
+    """Re-parameterise, test-time pool, place, compile / script / fuse, DataParallel: (model, data config, crop)."""
+    if cfg.reparam:
+        model = reparameterize_model(model)
+    data_config = resolve_data_config(vars(cfg), model=model, use_test_size=not cfg.use_train_size, verbose=True)
+    pooled = False
+    if cfg.test_pool:
+        model, pooled = apply_test_time_pool(model, data_config)
+    model = model.to(device=precision.device, dtype=precision.model_dtype)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.torchscript:
+        model = torch.jit.script(model)
+    elif cfg.torchcompile:
+        torch._dynamo.reset()
+        model = torch.compile(model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode)
+    elif cfg.aot_autograd:
+        from functorch.compile import memory_efficient_fusion
+        model = memory_efficient_fusion(model)
+    if cfg.num_gpu > 1:
+        model = torch.nn.DataParallel(model, device_ids=list(range(cfg.num_gpu)))
+    return model, data_config, 1.0 if pooled else data_config['crop_pct']
 
 
 def open_eval_split(cfg: argparse.Namespace, name: str, root: str, split: str, img_mode: str, class_map: str = ''):
