@@ -36,7 +36,9 @@ from carrot_zzz.engine.inference import (LABEL_TYPES, OUTPUT_TYPES, error_rows, 
 from carrot_zzz.engine.precision import fast_cuda_math, require_device, resolve_precision
 from carrot_zzz.engine.validation import (checkpoint_class_names, create_validation_model, open_eval_split,
                                           prepare_model, read_checkpoint, validation_loader)
+from carrot_zzz.engine.errors import first_line
 from carrot_zzz.evaluate import logits_and_embedding, predict
+from carrot_zzz.files import unwritable
 from carrot_zzz.model import HEAD_TYPES
 from carrot_zzz.ood import OODScorer
 from carrot_zzz.results_table import EXTENSIONS, RESULT_FORMATS, require_parquet, write_table
@@ -118,6 +120,10 @@ def check_args(cfg: argparse.Namespace) -> None:
         fail(SCRIPT, f'--topk {cfg.topk}: pass 1 or more')
     if cfg.exclude_output and cfg.label_type == 'none' and not cfg.include_index:
         fail(SCRIPT, '--exclude-output with --label-type none leaves nothing to write; add --include-index')
+    folder = cfg.results_dir or os.path.dirname(cfg.results_file or '') or '.'
+    why = unwritable(folder, folder=True)
+    if why:
+        fail(SCRIPT, f'--results-dir {folder}: {why}')
     if 'parquet' in cfg.results_format:
         try:
             require_parquet()
@@ -177,14 +183,19 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     if len(set(names)) < len(names):
         _logger.warning(f'{len(names) - len(set(names))} file names repeat (images in different folders): the json '
                         f'format and the console keep one row per name; pass --fullname')
+    if not cfg.no_console_results:
+        keyed = {row[cfg.filename_col]: {k: v for k, v in row.items() if k != cfg.filename_col} for row in rows}
+        print(f'--result\n{json.dumps(keyed, indent=4)}')
     base = results_base(cfg, img_size)
     shared = [fmt for fmt in cfg.results_format if EXTENSIONS[fmt] == '.json']
     for fmt in dict.fromkeys(cfg.results_format):
         own = base + f'-{fmt}' if fmt in shared[1:] else base       # several .json formats at once
-        _logger.info(f'Results written to {write_table(rows, own, fmt, cfg.filename_col)}')
-    if not cfg.no_console_results:
-        keyed = {row[cfg.filename_col]: {k: v for k, v in row.items() if k != cfg.filename_col} for row in rows}
-        print(f'--result\n{json.dumps(keyed, indent=4)}')
+        try:
+            _logger.info(f'Results written to {write_table(rows, own, fmt, cfg.filename_col)}')
+        except OSError as e:
+            fail(SCRIPT, f'--results-format {fmt}: cannot write {own}{EXTENSIONS[fmt]} ({first_line(e, 200)}); the '
+                         f'predictions were printed above' + (' (--no-console-results: they are lost)'
+                                                             if cfg.no_console_results else ''))
     failed = sum('error' in row for row in rows)
     if failed:
         _logger.error(f'{failed} of {len(rows)} images could not be read (rows with an error); the others are '

@@ -35,6 +35,7 @@ from functools import partial
 from typing import List, Optional
 
 import torch
+from safetensors import SafetensorError
 from timm.data import RealLabelsImagenet
 from timm.layers import set_fast_norm
 from timm.models import is_model, list_models
@@ -52,7 +53,10 @@ from carrot_zzz.engine.validation import (checkpoint_class_names, class_names, c
                                           match_classes, open_eval_split, per_class_rows, read_checkpoint, report,
                                           retrieval_fields, validation_loader, write_extras, write_results,
                                           write_rows)
+from carrot_zzz.engine.errors import first_line
 from carrot_zzz.evaluate import logits_and_embedding, predict
+from carrot_zzz.files import unwritable
+from carrot_zzz.weights import save_weights
 from carrot_zzz.reliability import require_plotting
 from carrot_zzz.model import HEAD_TYPES
 from carrot_zzz.ood import OODScorer
@@ -167,8 +171,9 @@ def check_args(cfg: argparse.Namespace) -> None:
     for flag, path in (('--results-file', cfg.results_file), ('--per-class-csv', cfg.per_class_csv),
                        ('--save-embeddings', cfg.save_embeddings), ('--reliability-plot', cfg.reliability_plot),
                        ('--save-calibrated', cfg.save_calibrated)):
-        if path and os.path.dirname(path) and not os.path.isdir(os.path.dirname(path)):
-            fail(SCRIPT, f'{flag} {path}: its folder does not exist; create it or pass another path')
+        why = unwritable(path) if path else None
+        if why:
+            fail(SCRIPT, f'{flag} {path}: {why}')
     for flag, path in (('--valid-labels', cfg.valid_labels), ('--real-labels', cfg.real_labels)):
         if path and not os.path.isfile(path):
             fail(SCRIPT, f'{flag} {path}: no such file; pass the path of the labels file')
@@ -262,14 +267,30 @@ def validate(cfg: argparse.Namespace) -> OrderedDict:
     columns = [columns[i] for i in subset] if subset is not None else columns
     if cfg.fit_temperature:
         fit_set = _temperature_split(cfg, root, img_mode, names)
-        results.update(calibrate_for_report(raw, model, scores, loader(fit_set), precision, cfg.fit_temperature,
-                                            cfg.save_calibrated, names or dataset_class_names(dataset), cfg.ood_tpr))
+        fields, metadata = calibrate_for_report(raw, model, scores, loader(fit_set), precision, cfg.fit_temperature,
+                                                names or dataset_class_names(dataset), cfg.ood_tpr)
+        results.update(fields)
+        _late_write(cfg, '--save-calibrated', cfg.save_calibrated, lambda: save_weights(raw, cfg.save_calibrated,
+                                                                                      metadata))
     _log_results(cfg, results, len(scores['target']), len(ood['target']) if ood else 0)
-    write_extras(cfg, scores, bias, columns, results)
-    if cfg.per_class_csv:
-        write_rows(cfg.per_class_csv, per_class_rows(scores, columns))
-        _logger.info(f'Per-class accuracy written to {cfg.per_class_csv}')
+    _late_write(cfg, '--save-embeddings / --reliability-plot', cfg.save_embeddings or cfg.reliability_plot,
+                lambda: write_extras(cfg, scores, bias, columns, results))
+    _late_write(cfg, '--per-class-csv', cfg.per_class_csv,
+                lambda: write_rows(cfg.per_class_csv, per_class_rows(scores, columns)))
     return results
+
+
+def _late_write(cfg: argparse.Namespace, flag: str, path: str, write) -> None:
+    """write() when path is set, logged; a failure (a disk that filled up, a folder gone read-only) is kept in
+    cfg.write_failures for main, which prints the results first and then stops with one line."""
+    if not path:
+        return
+    try:
+        write()
+        _logger.info(f'{flag} written: {path}')
+    except (OSError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e, 200)
+        cfg.__dict__.setdefault('write_failures', []).append(f'{flag} {path}: cannot write it ({reason})')
 
 
 def _scoring(cfg, model, head, subset) -> dict:
@@ -379,6 +400,7 @@ def validate_many(cfg: argparse.Namespace, targets) -> List[OrderedDict]:
 def main(argv: Optional[List[str]] = None):
     setup_default_logging()
     cfg = parse_args(argv)
+    cfg.write_failures = []
     parser = build_parser()
     with setting_errors(SCRIPT, parser):
         check_args(cfg)
@@ -387,9 +409,12 @@ def main(argv: Optional[List[str]] = None):
             results = validate_many(cfg, targets)
         else:
             results = validate_with_retries(cfg, cfg.batch_size) if cfg.retry else validate(cfg)
-    if cfg.results_file:
-        write_results(cfg.results_file, results, cfg.results_format)
     print(f'--result\n{json.dumps(results, indent=4)}')   # for scripts that read timm's validate.py output
+    _late_write(cfg, '--results-file', cfg.results_file,
+                lambda: write_results(cfg.results_file, results, cfg.results_format))
+    if cfg.write_failures:
+        more = f' (and {len(cfg.write_failures) - 1} more)' if len(cfg.write_failures) > 1 else ''
+        fail(SCRIPT, f'{cfg.write_failures[0]}{more}; the results above are complete')
     return results
 
 

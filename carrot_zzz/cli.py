@@ -67,7 +67,7 @@ def add_model_build_flags(group: argparse._ActionsContainer) -> None:
 
 
 def add_dataset_reader_flags(group: argparse._ActionsContainer) -> None:
-    """The reader flags of timm's two scripts, with timm's defaults and meanings."""
+    """The reader flags of timm's scripts, with timm's defaults and meanings, and PIL's pixel limit."""
     add(group, '--dataset-download', False, 'let torch/ and tfds/ data sets download themselves when missing')
     add(group, '--class-map', '', 'text file mapping folder names to class indices (image folders)', str,
         metavar='FILENAME')
@@ -75,6 +75,8 @@ def add_dataset_reader_flags(group: argparse._ActionsContainer) -> None:
     add(group, '--input-key', None, 'field holding the image in hub / tfds / wds records', str)
     add(group, '--target-key', None, 'field holding the label in hub / tfds / wds records', str)
     add(group, '--dataset-trust-remote-code', False, 'allow a hub data set to run its own loading code')
+    add(group, '--max-image-pixels', None, 'images up to this many pixels are read (not a timm flag; default: PIL\'s '
+                                           'decompression-bomb limit, 178956970; 0: no limit)', int)
 
 
 def add_task_flags(group: argparse._ActionsContainer) -> None:

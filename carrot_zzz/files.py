@@ -9,9 +9,9 @@ import os
 import shutil
 import uuid
 from contextlib import contextmanager
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, Optional
 
-__all__ = ['replacing', 'atomic_write', 'atomic_link', 'remove_stale_temporaries', 'TEMP_SUFFIX']
+__all__ = ['replacing', 'atomic_write', 'atomic_link', 'remove_stale_temporaries', 'unwritable', 'TEMP_SUFFIX']
 
 TEMP_SUFFIX = '.partial'
 
@@ -67,3 +67,26 @@ def remove_stale_temporaries(folder: str) -> int:
             os.unlink(os.path.join(folder, name))
             removed += 1
     return removed
+
+
+def unwritable(path: str, folder: bool = False) -> Optional[str]:
+    """Why `path` cannot be written, None when it can: a file whose folder is missing or not writable, or that is
+    a folder itself; with folder=True a folder that is a file, not writable, or cannot be created (its first
+    existing parent is a file or not writable). Checked before the work that ends in the write."""
+    path = os.path.abspath(os.fspath(path))
+    if folder:
+        if os.path.exists(path) and not os.path.isdir(path):
+            return 'it is a file, not a folder'
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            return f'{path} is a file, not a folder'
+        return None if os.access(path, os.W_OK | os.X_OK) else f'the folder {path} is not writable'
+    if os.path.isdir(path):
+        return 'it is a folder; name a file'
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        return 'its folder does not exist; create it or pass another path'
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return 'its folder is not writable; pass another path'
+    return None

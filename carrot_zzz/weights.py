@@ -112,6 +112,19 @@ def describe_checkpoint(state_dict: Dict[str, torch.Tensor], model_name: str) ->
     return {}
 
 
+_CLASSIFIER_NAMES = ('fc', 'head', 'head.fc', 'classifier', 'last_linear')    # timm's usual final layers
+
+
+def _plain_weights_reason(ckpt: Dict[str, Tuple[int, ...]]) -> str:
+    """Why a plain timm model's state dict does not load into a carrot_zzz model, and what does load it."""
+    classes = next((ckpt[f'{name}.weight'][0] for name in _CLASSIFIER_NAMES
+                    if len(ckpt.get(f'{name}.weight', ())) == 2), None)
+    head = f'a classifier of {classes} classes' if classes else 'no classifier'
+    return (f"it holds a plain timm model's weights ({head}), not a carrot_zzz model's (backbone.* / head.*): "
+            f"validate it as that model (the name without _zzz), or start a _zzz model from it with "
+            f"train.py --pretrained --pretrained-path FILE")
+
+
 def _describe_mismatch(
         ckpt: Dict[str, Tuple[int, ...]],
         model: Dict[str, Tuple[int, ...]],
@@ -125,6 +138,8 @@ def _describe_mismatch(
     wrong = [k for k in model if k in ckpt and tuple(ckpt[k]) != tuple(model[k])]
     if not (missing or unexpected or wrong):
         return reasons
+    if is_whole_model_keys(model) and not is_whole_model_keys(ckpt):
+        return [_plain_weights_reason(ckpt)]
     if ckpt_arch and model_arch and ckpt_arch != model_arch:
         reasons.append(f"architecture: the checkpoint is '{ckpt_arch}', the model '{model_arch}'")
     hc, hm = head_info(ckpt), head_info(model)

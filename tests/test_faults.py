@@ -3,6 +3,7 @@ a diverging loss, a kill between two writes, broken images, an empty class folde
 a full disk). Faults are injected by monkeypatching the writes or the step, or by killing a subprocess."""
 import csv
 import logging
+import math
 import os
 import signal
 import stat
@@ -325,6 +326,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(data_dir, tmp
     folder = tmp_path / 'full'
     assert stored_epoch(folder / 'last.pth.tar') == 0
     assert not [f for f in os.listdir(folder) if f.endswith('.partial')]
+    assert [row[0] for row in summary(folder)[1:]] == ['0']          # no row of the epoch whose checkpoint failed
 
 
 # --- 8. contradictions -----------------------------------------------------------------------------------------
@@ -346,3 +348,123 @@ def test_in_memory_data_sets_are_not_checked_as_files():
     from carrot_zzz.data.image_check import sample_paths, unreadable_images
     dataset = create_dataset('fashion_mnist', split='train')
     assert sample_paths(dataset) is None and unreadable_images(dataset) == []
+
+
+# --- 9. reliability, round two ---------------------------------------------------------------------------------
+
+def _save_image(path, array):
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture
+def odd_images_folder(tmp_path, image_folder):
+    """One training image of 64 x 64 pixels (the others 32 x 32), one 16-bit grey PNG (PIL mode I;16)."""
+    root = image_folder(tmp_path / 'odd')
+    cls = os.path.join(root, 'train', 'class_2')
+    _save_image(os.path.join(cls, 'big.png'), np.full((64, 64, 3), 90, dtype=np.uint8))
+    _save_image(os.path.join(cls, 'wide.png'), np.full((32, 32), 40000, dtype=np.uint16))
+    return root
+
+
+def test_images_over_the_pixel_limit_or_wider_than_8_bits_are_named(odd_images_folder, tmp_path, caplog):
+    """A 16-bit PNG would read as solid white (PIL clips it): named up front, as is an image over the pixel limit
+    (--max-image-pixels 2000 here, PIL's decompression-bomb limit by default); --skip-bad-images leaves them out;
+    a limit that admits the large image leaves only the 16-bit one."""
+    with pytest.raises(SystemExit, match=r"2 unreadable images in split 'train': .*big.png \(4096 pixels, over the "
+                                         r"pixel limit of 2000 \(raise it with --max-image-pixels\)\); .*wide.png "
+                                         r"\(mode I;16 \(16- or 32-bit or float\): PIL converts it to 8 bits by "
+                                         r"clipping; convert it to 8-bit first\)"):
+        run(odd_images_folder, tmp_path, 'odd', '--max-image-pixels', '2000', epochs=1)
+    caplog.set_level(logging.WARNING)
+    run(odd_images_folder, tmp_path, 'skip', '--max-image-pixels', '5000', '--skip-bad-images', epochs=1)
+    assert any('Left out 1 unreadable images' in r.message and 'wide.png' in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize('script', ['train', 'validate'])
+def test_a_recipe_that_does_not_parse_is_one_line(tmp_path, script):
+    import validate
+    recipe = tmp_path / 'bad.yaml'
+    recipe.write_text('model: test_vit\nscale: [0.8, 1.0\nlr: 1e-3\n')
+    parse = train.parse_args if script == 'train' else validate.parse_args
+    with pytest.raises(SystemExit, match=r'config file .*bad.yaml is not valid YAML at line 3, column 3: '
+                                         r"expected ',' or '\]', but got ':'; fix the recipe"):
+        parse(['-c', str(recipe), '--data-dir', ROOT])
+    recipe.write_text('- model\n- lr\n')
+    with pytest.raises(SystemExit, match='is not a YAML mapping of flag names to values \\(it holds a list\\)'):
+        parse(['-c', str(recipe), '--data-dir', ROOT])
+
+
+def test_outputs_are_checked_before_the_work_and_a_late_failure_prints_the_results_first(
+        data_dir, tmp_path, monkeypatch, capsys):
+    import validate
+    ckpt = os.path.join(run(data_dir, tmp_path, 'for_validate', epochs=1), 'model_best.safetensors')
+    common = [data_dir, '--model', 'test_vit', '--input-size', '3', '32', '32', '--workers', '0', '--device', 'cpu',
+              '--checkpoint', ckpt]
+    (tmp_path / 'a_folder').mkdir()
+    with pytest.raises(SystemExit, match=r'--per-class-csv .*a_folder: it is a folder; name a file'):
+        validate.main(common + ['--per-class-csv', str(tmp_path / 'a_folder')])
+    real_access = os.access
+    monkeypatch.setattr(os, 'access', lambda path, mode: False if 'locked' in str(path) else real_access(path, mode))
+    (tmp_path / 'locked').mkdir()
+    with pytest.raises(SystemExit, match=r'--save-embeddings .*locked/e.safetensors: its folder is not writable'):
+        validate.main(common + ['--save-embeddings', str(tmp_path / 'locked' / 'e.safetensors')])
+    import inference
+    with pytest.raises(SystemExit, match=r'--results-dir .*locked: the folder .*locked is not writable'):
+        inference.main(common + ['--results-dir', str(tmp_path / 'locked')])
+    capsys.readouterr()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(validate, 'write_results', disk_full)
+    with pytest.raises(SystemExit, match=r'--results-file .*r.csv: cannot write it \(No space left on device\); '
+                                         r'the results above are complete'):
+        validate.main(common + ['--results-file', str(tmp_path / 'r.csv')])
+    assert '"top1"' in capsys.readouterr().out.split('--result', 1)[1]
+
+
+def test_more_classes_than_the_data_warn_and_plain_weights_say_what_they_are(data_dir, tmp_path, caplog):
+    import timm
+    import validate
+    caplog.set_level(logging.WARNING)
+    run(data_dir, tmp_path, 'six', '--num-classes', '6', epochs=1)
+    warned = [r.message for r in caplog.records if 'never see a sample' in r.message]
+    assert len(warned) == 1 and 'num_classes 6 but the training split has 4 classes: outputs 4..5' in warned[0]
+    plain = tmp_path / 'plain.pth'
+    torch.save(timm.create_model('test_vit', num_classes=7).state_dict(), plain)
+    with pytest.raises(SystemExit, match=r"it holds a plain timm model's weights \(a classifier of 7 classes\), not "
+                                         r"a carrot_zzz model's .*validate it as that model \(the name without _zzz\)"):
+        validate.main([data_dir, '--model', 'test_vit_zzz', '--input-size', '3', '32', '32', '--workers', '0',
+                       '--device', 'cpu', '--checkpoint', str(plain)])
+
+
+def test_a_runaway_data_start_keeps_the_default_head(data_dir, tmp_path, monkeypatch, caplog):
+    """A ZZZ fit whose held-out NLL is no better than uniform (what random features give) keeps the default start
+    and says why; without pretrained weights a warning says the features are random."""
+    from carrot_zzz import ZZZHead
+    from carrot_zzz.engine import head_init
+    starts = {}
+
+    def runaway(head, feats, labels, holdout=None, **kw):
+        starts['default'] = {k: v.clone() for k, v in head.state_dict().items()}
+        with torch.no_grad():
+            head.bias.fill_(123.0)
+        return dict(tau=6.6e7, classes_fitted=4, nll_after=math.log(4), nll_before=9.0, sigma2=1.0)
+
+    monkeypatch.setattr(ZZZHead, 'init_from_features', runaway)
+    kept = {}
+    real = head_init.init_head_from_data
+
+    def spy(model, *args):
+        out = real(model, *args)
+        kept.update({k: v.clone() for k, v in model.get_classifier().state_dict().items()})
+        return out
+
+    monkeypatch.setattr(train, 'init_head_from_data', spy)
+    caplog.set_level(logging.WARNING)
+    run(data_dir, tmp_path, 'runaway', '--head', 'zzz', '--zzz-rank', '2', '--head-init', 'data',
+        '--holdout-fraction', '0.25', epochs=1)
+    assert all(torch.equal(kept[k], v) for k, v in starts['default'].items())
+    messages = ' '.join(r.message for r in caplog.records)
+    assert 'the fitted temperature ran away (tau 6.6e+07, held-out NLL 1.386 not below ln 4 = 1.386' in messages
+    assert 'the head keeps its default start' in messages and 'its features are random' in messages

@@ -3,23 +3,37 @@
     bad = unreadable_images(dataset)          [(path, reason)], [] when all are fine or the set has no files
     drop_samples(dataset, bad)                leave them out of the set (its labels stay aligned)
 
-Per file: it exists and is not empty; PIL identifies it from its header; a JPEG ends with its end-of-image marker
-(FF D9) and a PNG with its IEND chunk, the usual signs of a file cut short by an interrupted copy. Only the first
+Per file: it exists and is not empty; PIL identifies it from its header; it is within PIL's pixel limit (a
+decompression bomb otherwise; --max-image-pixels sets the limit); its mode holds 8 bits a channel (16- and 32-bit
+integer and float images are named: PIL would clip them to 8 bits, a 16-bit grey PNG reading as solid white);
+a JPEG ends with its end-of-image marker (FF D9) and a PNG with its IEND chunk, the usual signs of a file cut short
+by an interrupted copy. Only the first
 and the last bytes are read, in a thread pool (the check is I/O). Why before training: timm's image readers replace
 an image that fails to decode by the next sample, possibly of another class, which breaks the class balance a
 P x K batch promises and trains on a wrong label; a missing file of an FGVC list stops the epoch midway.
 """
 import os
+import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence, Tuple
 
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ['sample_paths', 'image_problem', 'unreadable_images', 'drop_samples']
+__all__ = ['sample_paths', 'image_problem', 'unreadable_images', 'drop_samples', 'set_pixel_limit', 'WIDE_MODES']
 
 JPEG_END = b'\xff\xd9'
 PNG_END = b'IEND\xaeB`\x82'
 TAIL_BYTES = 64                     # encoders may pad after the end marker: look in the last few bytes
+# modes PIL turns into RGB / L by clipping to 0..255, not by scaling: a 16-bit grey PNG reads as solid white
+WIDE_MODES = ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'I;32', 'F')
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS   # PIL's own limit against decompression bombs (178956970)
+
+
+def set_pixel_limit(max_pixels: Optional[int]) -> None:
+    """PIL's pixel limit for this process (and the loader workers it starts): None keeps PIL's default, 0 lifts it."""
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels or None
 
 
 def _sample_list(dataset):
@@ -41,7 +55,8 @@ def sample_paths(dataset) -> Optional[List[str]]:
 
 
 def image_problem(path: str) -> Optional[str]:
-    """Why `path` is not a readable image ('missing', 'empty', 'not an image', 'truncated'), None when it is."""
+    """Why `path` is not a readable image ('missing', 'empty', 'not an image', over the pixel limit, a mode wider
+    than 8 bits, 'truncated'), None when it is."""
     try:
         size = os.path.getsize(path)
     except OSError:
@@ -49,10 +64,19 @@ def image_problem(path: str) -> Optional[str]:
     if size == 0:
         return 'empty'
     try:
-        with Image.open(path) as img:
-            kind = img.format
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)     # judged below, by the limit itself
+            with Image.open(path) as img:
+                kind, mode, pixels = img.format, img.mode, img.width * img.height
+    except Image.DecompressionBombError as e:     # PIL refuses above twice its limit: the size is in its message
+        found = re.search(r'\((\d+) pixels\)', str(e))
+        pixels = int(found.group(1)) if found else None
     except (UnidentifiedImageError, OSError, ValueError):
         return 'not an image'
+    if Image.MAX_IMAGE_PIXELS and (pixels is None or pixels > Image.MAX_IMAGE_PIXELS):
+        return f'{pixels} pixels, over the pixel limit of {Image.MAX_IMAGE_PIXELS} (raise it with --max-image-pixels)'
+    if mode in WIDE_MODES:
+        return f'mode {mode} (16- or 32-bit or float): PIL converts it to 8 bits by clipping; convert it to 8-bit first'
     end = {'JPEG': JPEG_END, 'PNG': PNG_END}.get(kind)
     if end is not None:
         with open(path, 'rb') as f:

@@ -16,7 +16,7 @@ import copy
 import json
 import logging
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from ..evaluate import logits_and_embedding, predict
 from ..metrics import classification_metrics, threshold_at_tpr
 from ..ood import OODScorer, default_ood_score
 from ..temperature import fit_temperature, fold_temperature
-from ..weights import CLASS_NAMES_KEY, TEMPERATURE_KEY, save_weights
+from ..weights import CLASS_NAMES_KEY, TEMPERATURE_KEY
 from ..zzz_head import ZZZHead
 from .data import TrainingData, eval_loader
 from .errors import SettingError
@@ -162,13 +162,12 @@ def _metadata(info: Dict[str, Any], where: str, names: Optional[List[str]] = Non
 
 
 def calibrate_for_report(raw: nn.Module, model: nn.Module, scores: Dict[str, torch.Tensor], fit_loader,
-                         precision: Precision, fit_split: str, save_path: str = '',
-                         names: Optional[List[str]] = None, ood_tpr: float = 0.95) -> 'OrderedDict[str, Any]':
-    """validate.py --fit-temperature: T fitted on fit_loader's split and folded into raw's head; returns the
-    result fields temperature, nll_calibrated, ece_calibrated (%) of the reported split (`scores`, scored before
-    the fold, logits kept), and ood_score / ood_threshold (fitted on the fit split, see calibrate_head).
-    save_path: the folded weights written there (carrot_zzz.save_weights) with T, the threshold and the class
-    names in the metadata."""
+                         precision: Precision, fit_split: str, names: Optional[List[str]] = None,
+                         ood_tpr: float = 0.95) -> Tuple['OrderedDict[str, Any]', Dict[str, str]]:
+    """validate.py --fit-temperature: T fitted on fit_loader's split and folded into raw's head. Returns (the result
+    fields temperature, nll_calibrated, ece_calibrated (%) of the reported split (`scores`, scored before the fold,
+    logits kept), ood_score / ood_threshold fitted on the fit split (see calibrate_head); the safetensors metadata
+    of the folded weights: T, the threshold and the class names)."""
     info = calibrate_head(raw, score_split(model, fit_loader, precision, log_name='Temperature'), ood_tpr)
     where = 'the held-out part of the training split' if fit_split == HOLDOUT else f'split {fit_split}'
     _logger.info(describe_calibration(info, where))
@@ -176,9 +175,7 @@ def calibrate_for_report(raw: nn.Module, model: nn.Module, scores: Dict[str, tor
     after = classification_metrics(calibrated_logits(raw, scores, info), scores['target'])
     _logger.info(f'Reported split with the temperature: ECE {100 * before["ece"]:.2f}% -> {100 * after["ece"]:.2f}%, '
                  f'NLL {before["nll"]:.4f} -> {after["nll"]:.4f}')
-    if save_path:
-        save_weights(raw, save_path, _metadata(info, where, names))
-        _logger.info(f'Calibrated weights written to {save_path}')
-    return OrderedDict(temperature=round(info['temperature'], 6), nll_calibrated=round(after['nll'], 4),
-                       ece_calibrated=round(100 * after['ece'], 4), ood_score=info['ood_score'],
-                       ood_threshold=info['ood_threshold'])
+    fields = OrderedDict(temperature=round(info['temperature'], 6), nll_calibrated=round(after['nll'], 4),
+                         ece_calibrated=round(100 * after['ece'], 4), ood_score=info['ood_score'],
+                         ood_threshold=info['ood_threshold'])
+    return fields, _metadata(info, where, names)

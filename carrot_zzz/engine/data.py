@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from ..data import create_dataset
 from ..data.classes import dataset_class_names, names_or_indices
 from ..data.holdout import Part, stratified_holdout
-from ..data.image_check import drop_samples, unreadable_images
+from ..data.image_check import drop_samples, set_pixel_limit, unreadable_images
 from ..sampler import PKBatchSampler, dataset_targets
 from .errors import SettingError, first_line
 from .precision import Precision
@@ -77,6 +77,7 @@ def image_mode(input_img_mode: Optional[str], data_config: Dict[str, Any]) -> st
 def open_split(cfg: argparse.Namespace, split: str, training: bool, input_img_mode: str, **extra) -> Any:
     """One split of the run's data set; SettingError naming the split setting when it cannot be read or is empty."""
     setting = 'train_split' if training else 'val_split'
+    set_pixel_limit(cfg.max_image_pixels)
     try:
         dataset = create_dataset(
             cfg.dataset, root=cfg.data_dir, split=split, is_training=training, class_map=cfg.class_map,
@@ -260,6 +261,10 @@ def build_training_data(cfg: argparse.Namespace, model: nn.Module, precision: Pr
     train_targets = dataset_targets(train_set)
     check_label_range(train_targets, cfg.num_classes, 'training')
     names = dataset_class_names(train_set)
+    if names and cfg.num_classes > len(names) and cfg.rank == 0:
+        _logger.warning(f'num_classes {cfg.num_classes} but the training split has {len(names)} classes: outputs '
+                        f'{len(names)}..{cfg.num_classes - 1} never see a sample; pass --num-classes {len(names)} '
+                        f'unless they are meant for later')
     if eval_set is not None:
         check_label_range(dataset_targets(eval_set), cfg.num_classes, 'evaluation')
     collate_fn, mixup_fn, soft_targets = _mixup(cfg, cfg.aug_splits)

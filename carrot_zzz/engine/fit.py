@@ -21,7 +21,7 @@ from ..evaluate import epoch_metrics, predict
 from ..weights import CLASS_NAMES_KEY, load_checkpoint_file, save_weights
 from .checkpoints import set_rng_state, writing
 from .data import set_loader_epoch
-from .errors import SettingError, first_line
+from .errors import CheckpointWriteError, SettingError, first_line
 from .experiment import DEFAULT_OUTPUT, SummaryLog
 from .loop import Trainer
 from .models import CHECKPOINT_ERRORS
@@ -118,6 +118,19 @@ def _rank_metric(trainer: Trainer, train: Dict[str, float], evaluation: Optional
     return value, value
 
 
+def _save_epoch(trainer: Trainer, epoch: int, rank_by: Optional[float], milestone: bool,
+                summary: Optional[SummaryLog]) -> None:
+    """The epoch's checkpoint (and milestone); when the write fails, the epoch's summary.csv row goes too."""
+    try:
+        trainer.keeper.save(trainer.state(), epoch, rank_by)
+        if milestone:
+            trainer.keeper.milestone(epoch + 1)
+    except CheckpointWriteError:
+        if summary is not None:
+            summary.keep_before(epoch)
+        raise
+
+
 def fit(trainer: Trainer, start_epoch: int, end_epoch: int, summary: Optional[SummaryLog] = None,
         wandb=None) -> List[Dict[str, Any]]:
     """Epochs [start_epoch, end_epoch) of the run; evaluation and checkpoints every val_interval epochs and at
@@ -150,9 +163,7 @@ def fit(trainer: Trainer, start_epoch: int, end_epoch: int, summary: Optional[Su
                 if wandb is not None:
                     wandb.log(row)
             if trainer.keeper is not None:
-                trainer.keeper.save(trainer.state(), epoch, rank_by)
-                if done in milestones:
-                    trainer.keeper.milestone(done)
+                _save_epoch(trainer, epoch, rank_by, done in milestones, summary)
             if trainer.scheduler is not None:
                 trainer.scheduler.step(done, value)
             results.append({'epoch': epoch, 'train': train, **({'validation': evaluation} if evaluation else {})})

@@ -26,6 +26,7 @@ from torch import nn
 from ..data import create_dataset
 from ..data.classes import dataset_class_names, label_map, names_or_indices, parse_class_names
 from ..data.holdout import Part, stratified_holdout
+from ..data.image_check import set_pixel_limit
 from ..embeddings import save_embeddings
 from ..reliability import plot_reliability, reliability_bins
 from ..retrieval import retrieval_metrics
@@ -188,6 +189,7 @@ def prepare_model(cfg: argparse.Namespace, precision: Precision, model: nn.Modul
 
 def open_eval_split(cfg: argparse.Namespace, name: str, root: str, split: str, img_mode: str, class_map: str = ''):
     """A split to validate on; SettingError naming data_dir / dataset / split when it cannot be read."""
+    set_pixel_limit(cfg.max_image_pixels)
     try:
         return create_dataset(name, root=root, split=split, download=cfg.dataset_download,
                               load_bytes=cfg.tf_preprocessing, class_map=class_map, num_samples=cfg.num_samples,
