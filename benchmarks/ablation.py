@@ -18,11 +18,16 @@ OpenMP threads spin when a core is taken), and compare img/s only between runs o
 A recipe: `python benchmarks/ablation.py --config hparams/cub200_resnet50_448.yaml --data-dir /data/CUB_200_2011`
 (each variant gets the recipe minus its head / zzz_rank / carrot keys, written to OUT/configs/<variant>.yaml).
 
-Variants: `linear` (the plain timm model), `linear+carrot` (--carrot: the `_zzz` wrapper with a linear head),
-`zzz` (--head zzz --zzz-rank 8), `zzz+carrot`, and `zzz-r<R>[+carrot]` (--ranks 0 4 16 adds zzz-r0 ...).
+Variants: `(linear | zzz[-r<R>])[-data][+carrot[@W][-att]][+pen]`: `linear` (the plain timm model), `zzz`
+(--head zzz --zzz-rank 8, or R), `-data` (--head-init data: the linear probe / the ZZZ fit), `+carrot` (--carrot;
+for linear the `_zzz` wrapper with a linear head), `@W` its weight (`@0`: CARROT's statistics logged, no effect on the
+loss: the run without CARROT whose collapse is measured), `-att` (--carrot-rank-norm attainable), `+pen` (the ZZZ
+penalties, --zzz-v-shrink 0.1 --zzz-decouple 0.1). --ranks 0 4 16 adds zzz-r0 ...
 Everything after `--` goes to every train.py run unchanged. Each run is train.py --experiment <variant>-s<seed>
 --output OUT, then validate.py on its weights (--weights last: last.pth.tar, the default, since train.py's
-evaluation split is the test split of these data sets; best: model_best[_ema].safetensors), with the data,
+evaluation split is the test split of these data sets; best: model_best[_ema].safetensors, calibrated when the run
+had an evaluation split; calibrate: model_best.pth.tar with --fit-temperature holdout, the ECE / NLL before and
+after the temperature, for runs with --holdout-fraction), with the data,
 input size, device and batch size read back from the run's args.yaml, plus --ood-* when given. A run whose
 validate.json exists is skipped; a run stopped midway resumes from its last.pth.tar.
 
@@ -30,6 +35,10 @@ Training img/s: train.py's log lines are timestamped by this script as they arri
 In each epoch the lines of the first and the last update bracket updates 2..N, so img/s = (N - 1) x batch size
 x grad-accum steps / (time between those two lines), summed over epochs: data loading, forward, backward and
 optimizer step, without model build, the first (warm-up) update of an epoch and evaluation.
+
+Columns: top-1, mean class accuracy, NLL, ECE (and after the temperature), the OOD AUROC of every score, train
+img/s, the data start's seconds (feature pass + fit, from train.log). --pairs A:B adds B - A per seed (mean ± sample
+std over the seeds both have) and CARROT's min r / min erank of both sides (last epoch).
 
 Writes OUT/results.md (mean ± sample std over seeds), OUT/results.csv (one row per run, then mean / std rows),
 OUT/accuracy_ece.png, OUT/curves.png (eval_top1, train_loss per epoch), OUT/carrot.png (train_R, train_R_var,
@@ -51,21 +60,39 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_VARIANTS = ['linear', 'linear+carrot', 'zzz', 'zzz+carrot']
 RESERVED = {'--head', '--zzz-rank', '--carrot', '--seed', '--output', '--experiment', '--resume', '-c', '--config',
-            '--dataset', '--data-dir'}
+            '--dataset', '--data-dir', '--carrot-weight', '--carrot-rank-norm', '--zzz-v-shrink', '--zzz-decouple'}
+OOD_SCORES = ('msp', 'maxlogit', 'energy', 'maha', 'll')
 METRICS = [('top1', 'top-1 (%)'), ('mean_class_acc', 'mean class acc (%)'), ('nll', 'NLL'), ('ece', 'ECE (%)'),
-           ('ood_auroc_msp', 'OOD AUROC MSP (%)'), ('ood_auroc_ll', 'OOD AUROC LL (%)'), ('train_img_s', 'train img/s')]
+           ('ece_calibrated', 'ECE after T (%)')] + \
+    [(f'ood_auroc_{s}', f'OOD AUROC {s} (%)') for s in OOD_SCORES] + \
+    [('train_img_s', 'train img/s'), ('data_start_s', 'data start (s)')]
+HEAD_FIT = re.compile(r'feature pass ([0-9.]+)s, fit ([0-9.]+)s')
 CARROT_COLS = ['train_R', 'train_R_var', 'train_R_rank', 'train_min_r', 'train_min_erank_frac']
 TRAIN_LINE = re.compile(r'Train: (\d+) \[\s*(\d+)/(\d+)')
 
 
+VARIANT = re.compile(r'(linear|zzz)(?:-r(\d+))?(-data)?(\+carrot(?:@([0-9.]+))?(-att)?)?(\+pen)?')
+
+
 def variant_flags(name, default_rank):
-    """train.py flags of a variant name: linear | zzz | zzz-r<R>, optionally +carrot."""
-    m = re.fullmatch(r'(linear|zzz)(?:-r(\d+))?(\+carrot)?', name)
-    if not m or (m.group(1) == 'linear' and m.group(2)):
-        raise SystemExit(f'ablation.py: error: unknown variant {name!r}; use linear, zzz or zzz-r<R>, '
-                         f'each with or without +carrot')
-    flags = ['--head', 'zzz', '--zzz-rank', m.group(2) or str(default_rank)] if m.group(1) == 'zzz' else []
-    return flags + (['--carrot'] if m.group(3) else [])
+    """train.py flags of a variant name, (linear | zzz[-r<R>])[-data][+carrot[@W][-att]][+pen]:
+
+        -r<R>   ZZZ rank R (default: --zzz-rank)          -data   --head-init data (linear: the probe start)
+        +carrot --carrot; @W its weight (@0: CARROT's statistics logged, no effect on the loss); -att
+                --carrot-rank-norm attainable              +pen    the ZZZ penalties --zzz-v-shrink 0.1 --zzz-decouple 0.1
+    """
+    m = VARIANT.fullmatch(name)
+    if not m or (m.group(1) == 'linear' and (m.group(2) or m.group(7))):
+        raise SystemExit(f'ablation.py: error: unknown variant {name!r}; use (linear | zzz[-r<R>])[-data]'
+                         f'[+carrot[@W][-att]][+pen] (rank and +pen for zzz only)')
+    head, rank, data, carrot, weight, attainable, pen = m.groups()
+    flags = ['--head', 'zzz', '--zzz-rank', rank or str(default_rank)] if head == 'zzz' else []
+    flags += ['--head-init', 'data'] if data else []
+    flags += ['--carrot'] if carrot else []
+    flags += ['--carrot-weight', weight] if weight else []
+    flags += ['--carrot-rank-norm', 'attainable'] if attainable else []
+    flags += ['--zzz-v-shrink', '0.1', '--zzz-decouple', '0.1'] if pen else []
+    return flags
 
 
 def variant_config(config, variant, out):
@@ -121,11 +148,24 @@ def train_img_per_s(log_path, imgs_per_update):
     return imgs / secs if secs > 0 else float('nan')
 
 
+def data_start_seconds(log_path):
+    """Seconds of --head-init data (feature pass + fit) from train.log; NaN when the run had none."""
+    with open(log_path) as f:
+        found = HEAD_FIT.search(f.read())
+    return round(float(found.group(1)) + float(found.group(2)), 1) if found else float('nan')
+
+
 def validate_cmd(run_dir, a, opts):
     """validate.py command for a finished train run, from its args.yaml (a) and the sweep options."""
     ema = bool(a.get('model_ema')) and not a.get('model_ema_force_cpu')
     if opts.weights == 'last':
         ckpt = [os.path.join(run_dir, 'last.pth.tar')] + (['--use-ema'] if ema else [])
+    elif opts.weights == 'calibrate':     # model_best as trained, T fitted on train.py's held-out part
+        if not a.get('holdout_fraction'):
+            raise SystemExit('ablation.py: error: --weights calibrate needs runs with --holdout-fraction F')
+        ckpt = [os.path.join(run_dir, 'model_best.pth.tar'), *(['--use-ema'] if ema else []), '--fit-temperature',
+                'holdout', '--holdout-fraction', str(a['holdout_fraction']), '--seed', str(a['seed']),
+                '--train-split', a.get('train_split') or 'train']
     else:
         best = os.path.join(run_dir, 'model_best_ema.safetensors' if ema else 'model_best.safetensors')
         ckpt = [best]
@@ -225,9 +265,11 @@ def collect(out):
         with open(os.path.join(d, 'args.yaml')) as f:
             a = yaml.safe_load(f)
         row = {'variant': m.group(1), 'seed': int(m.group(2)), 'model': a['model']}
-        row.update({k: res[k] for k in ('top1', 'top5', 'mean_class_acc', 'nll', 'ece', 'ood_auroc_msp',
-                                        'ood_fpr95_msp', 'ood_auroc_ll', 'ood_fpr95_ll') if k in res})
+        row.update({k: v for k, v in res.items() if k in ('top1', 'top5', 'mean_class_acc', 'nll', 'ece',
+                                                          'ece_calibrated', 'nll_calibrated', 'temperature')
+                    or k.startswith(('ood_auroc_', 'ood_fpr95_'))})
         log = os.path.join(d, 'train.log')
+        row['data_start_s'] = data_start_seconds(log) if os.path.exists(log) else float('nan')
         per_update = a['batch_size'] * max(1, a.get('grad_accum_steps') or 1)
         row['train_img_s'] = round(train_img_per_s(log, per_update), 2) if os.path.exists(log) else float('nan')
         if os.path.exists(os.path.join(d, 'timing.json')):
@@ -235,6 +277,9 @@ def collect(out):
                 row['train_wall_s'] = json.load(f)['train_wall_s']
         summary = read_csv(os.path.join(d, 'summary.csv'))
         row['epochs'] = len(summary)
+        for key in ('min_r', 'min_erank_frac'):      # CARROT's statistics of the last epoch (also at weight 0)
+            if summary and summary[-1].get(f'train_{key}') not in (None, ''):
+                row[key] = float(summary[-1][f'train_{key}'])
         runs.append((row, summary))
     order = {v: i for i, v in enumerate(BASE_VARIANTS)}
     runs.sort(key=lambda rs: (order.get(rs[0]['variant'], len(order)), rs[0]['variant'], rs[0]['seed']))
@@ -250,7 +295,32 @@ def mean_std(values):
     return m, s, len(v)
 
 
-def report(out):
+PAIRED = [('top1', 'top-1'), ('ece_calibrated', 'ECE after T'), ('nll', 'NLL'), ('ood_auroc_maha', 'AUROC maha'),
+          ('ood_auroc_maxlogit', 'AUROC maxlogit')]
+
+
+def paired_lines(rows, pairs):
+    """Markdown: per pair A:B, B - A per seed both have (mean ± sample std, n), and min r / min erank of each side."""
+    if not pairs:
+        return []
+    by = {(r['variant'], r['seed']): r for r in rows}
+    lines = ['', 'Paired differences (B - A, same seed):', '',
+             '| A | B | n | ' + ' | '.join(f'Δ {label}' for _, label in PAIRED) +
+             ' | min r A / B | min erank / D A / B |', '|---|---|---:|' + '---:|' * (len(PAIRED) + 2)]
+    for pair in pairs:
+        a, b = pair.split(':')
+        seeds = sorted(s for (v, s) in by if v == a and (b, s) in by)
+        cells = []
+        for key, _ in PAIRED:
+            m, sd, n = mean_std([by[(b, s)].get(key, math.nan) - by[(a, s)].get(key, math.nan) for s in seeds])
+            cells.append('n/a' if n == 0 else f'{m:+.2f} ± {sd:.2f}')
+        stats = [' / '.join(f'{mean_std([by[(v, s)].get(key) for s in seeds])[0]:.3g}' for v in (a, b))
+                 for key in ('min_r', 'min_erank_frac')]
+        lines.append(f'| {a} | {b} | {len(seeds)} | ' + ' | '.join(cells + stats) + ' |')
+    return lines
+
+
+def report(out, pairs=()):
     runs = collect(out)
     if not runs:
         print(f'no finished runs in {out}')
@@ -262,7 +332,8 @@ def report(out):
     for v in variants:
         agg[v] = {k: mean_std([r.get(k) for r in rows if r['variant'] == v]) for k, _ in metrics}
     fields = ['variant', 'seed', 'n', 'model', 'epochs'] + [k for k, _ in METRICS] + [
-        'top5', 'ood_fpr95_msp', 'ood_fpr95_ll', 'train_wall_s']
+        'top5', 'nll_calibrated', 'temperature'] + [f'ood_fpr95_{s}' for s in OOD_SCORES] + \
+        ['train_wall_s', 'min_r', 'min_erank_frac']
     fields = [k for k in fields if k in ('n',) or any(k in r for r in rows)]
     with open(os.path.join(out, 'results.csv'), 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=fields, restval='', extrasaction='ignore')
@@ -283,6 +354,7 @@ def report(out):
     for v in variants:
         n = sum(r['variant'] == v for r in rows)
         lines.append(f'| {v} | {n} | ' + ' | '.join(fmt(*agg[v][k]) for k, _ in metrics) + ' |')
+    lines += paired_lines(rows, pairs)
     with open(os.path.join(out, 'results.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     print('\n'.join(lines[4:]))
@@ -351,8 +423,11 @@ def main(argv=None):
     p.add_argument('--variants', nargs='+', default=BASE_VARIANTS, help='linear, zzz, zzz-r<R>; +carrot each')
     p.add_argument('--ranks', type=int, nargs='*', default=[], help='add a zzz-r<R> variant per rank')
     p.add_argument('--zzz-rank', type=int, default=8, help='rank of the zzz variants without -r<R> (default: 8)')
-    p.add_argument('--weights', choices=('last', 'best'), default='last',
-                   help='validate last.pth.tar (default) or model_best[_ema].safetensors')
+    p.add_argument('--weights', choices=('last', 'best', 'calibrate'), default='last',
+                   help='validate last.pth.tar (default), model_best[_ema].safetensors, or model_best.pth.tar with '
+                        'a temperature fitted on the held-out part (ECE before and after)')
+    p.add_argument('--pairs', nargs='*', default=[], metavar='A:B',
+                   help='report B - A per seed (mean ± std over the seeds both have) and CARROT\'s statistics')
     p.add_argument('--ood-data-dir', default='', help='validate.py --ood-data-dir (OOD AUROC / FPR95)')
     p.add_argument('--ood-dataset', default='', help='validate.py --ood-dataset')
     p.add_argument('--ood-split', default='', help='validate.py --ood-split')
@@ -382,7 +457,7 @@ def main(argv=None):
         print(f'ablation: {len(runs)} runs ({", ".join(variants)} x seeds {opts.seeds}) -> {opts.out}', flush=True)
         os.makedirs(opts.out, exist_ok=True)
         failed = sweep(opts, passthrough, runs)
-    report(opts.out)
+    report(opts.out, opts.pairs)
     if failed:
         print(f'{len(failed)} runs failed: {", ".join(failed)}')
         return 1

@@ -78,7 +78,7 @@ def test_sweep_end_to_end_then_resume_skips(tmp_path):
     assert rows[0]['ood_auroc_ll'] == '' and rows[1]['ood_auroc_ll'] != ''   # log-likelihood score: ZZZ head only
     assert rows[2]['top1'] == rows[0]['top1'] and rows[4]['top1'] == ''      # one seed: mean = the run, no std
     md = open(os.path.join(out, 'results.md')).read()
-    assert '| variant | n | top-1 (%) | mean class acc (%) | NLL | ECE (%) | OOD AUROC MSP (%)' in md
+    assert '| variant | n | top-1 (%) | mean class acc (%) | NLL | ECE (%) | OOD AUROC msp (%)' in md
     assert '| linear | 1 | ' in md and '| zzz+carrot | 1 | ' in md
     if importlib.util.find_spec('matplotlib') is not None:
         for png in ('accuracy_ece.png', 'curves.png', 'carrot.png'):
@@ -97,6 +97,38 @@ def test_sweep_end_to_end_then_resume_skips(tmp_path):
     assert os.path.exists(os.path.join(out, 'results.md'))
     rc, log = sweep('--report-only', '--out', out)
     assert rc == 0 and '| zzz+carrot | 1 |' in log
+
+
+def test_calibrated_weights_data_start_and_paired_differences(tmp_path):
+    """--weights calibrate validates model_best.pth.tar with a temperature fitted on the run's held-out part (ECE
+    before and after), the data start's seconds are read from train.log, a weight-0 CARROT variant logs CARROT's
+    statistics, and --pairs reports B - A per seed."""
+    data, ood = make_data(str(tmp_path))
+    out = str(tmp_path / 'out')
+    rc, log = sweep('--data-dir', data, '--variants', 'zzz-data+carrot@0', 'zzz-data+carrot', '--seeds', '0', '--out',
+                    out, '--ood-data-dir', ood, '--weights', 'calibrate', '--pairs', 'zzz-data+carrot@0:zzz-data+carrot',
+                    '--', *TRAIN_FLAGS, '--sampler', 'pk', '--samples-per-class', '4', '--holdout-fraction', '0.25')
+    assert rc == 0, log[-3000:]
+    rows = list(csv.DictReader(open(os.path.join(out, 'results.csv'))))
+    for r in rows[:2]:
+        assert 0 <= float(r['ece_calibrated']) <= 100 and float(r['data_start_s']) >= 0
+        assert 0 <= float(r['ood_auroc_maha']) <= 100 and float(r['min_erank_frac']) > 0
+    md = open(os.path.join(out, 'results.md')).read()
+    assert '| zzz-data+carrot@0 | zzz-data+carrot | 1 | ' in md
+    diff = float(rows[1]['top1']) - float(rows[0]['top1'])
+    assert f'{diff:+.2f} ± 0.00' in md
+
+
+def test_variant_names_give_their_flags():
+    flags = ablation.variant_flags
+    assert flags('zzz-r4-data+carrot@0.3-att+pen', 8) == [
+        '--head', 'zzz', '--zzz-rank', '4', '--head-init', 'data', '--carrot', '--carrot-weight', '0.3',
+        '--carrot-rank-norm', 'attainable', '--zzz-v-shrink', '0.1', '--zzz-decouple', '0.1']
+    assert flags('linear-data', 8) == ['--head-init', 'data'] and flags('linear+carrot@0', 8) == [
+        '--carrot', '--carrot-weight', '0']
+    for bad in ('linear+pen', 'linear-r4', 'zzz+carot'):
+        with pytest.raises(SystemExit, match='unknown variant'):
+            flags(bad, 8)
 
 
 def test_flags_the_sweep_sets_are_rejected():
