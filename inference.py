@@ -37,7 +37,7 @@ from carrot_zzz.engine.precision import fast_cuda_math, require_device, resolve_
 from carrot_zzz.engine.validation import (checkpoint_class_names, create_validation_model, open_eval_split,
                                           prepare_model, read_checkpoint, validation_loader)
 from carrot_zzz.engine.errors import first_line
-from carrot_zzz.evaluate import logits_and_embedding, predict
+from carrot_zzz.engine.evaluate import logits_and_embedding, predict
 from carrot_zzz.files import unwritable
 from carrot_zzz.model import HEAD_TYPES
 from carrot_zzz.ood import OODScorer

@@ -54,7 +54,7 @@ from carrot_zzz.engine.validation import (checkpoint_class_names, class_names, c
                                           retrieval_fields, validation_loader, write_extras, write_results,
                                           write_rows)
 from carrot_zzz.engine.errors import first_line
-from carrot_zzz.evaluate import logits_and_embedding, predict
+from carrot_zzz.engine.evaluate import logits_and_embedding, predict
 from carrot_zzz.files import unwritable
 from carrot_zzz.weights import save_weights
 from carrot_zzz.reliability import require_plotting

@@ -4,6 +4,6 @@ from .zzz_head import ZZZHead
 from .registry import register_zzz
 from .model import ZZZModel
 from .weights import load_weights, save_weights
+from .version import __version__
 
-__version__ = '0.1.0'
 __all__ = ['ZZZHead', 'CarrotRegularizer', 'carrot_regularizer', 'register_zzz', 'ZZZModel', 'save_weights', 'load_weights']

@@ -13,7 +13,7 @@ import logging
 import re
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
-from .engine.errors import SettingError
+from .errors import SettingError
 from .recipe import read_recipe
 
 __all__ = ['add', 'add_precision_flags', 'add_input_flags', 'add_dataset_reader_flags', 'add_task_flags', 'single_label_error', 'fail',

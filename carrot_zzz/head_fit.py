@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .temperature import fit_inverse_temperature, nll_derivatives
-from .zzz_head import inverse_softplus_above
+from .softplus import inverse_softplus_above
 
 __all__ = ['fit_zzz_head', 'fit_linear_head']
 

@@ -22,12 +22,12 @@ from timm.models import load_pretrained, resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
 from timm.models._registry import _model_pretrained_cfgs, _model_to_module
 
-from .registry import ZZZ_SUFFIX
 from .weights import _clean_key, checkpoint_keys, fit_state_dict, is_whole_model_keys
 from .zzz_head import ZZZHead
 
-__all__ = ['ZZZModel', 'HEAD_TYPES', 'create_zzz_model']
+__all__ = ['ZZZModel', 'HEAD_TYPES', 'ZZZ_SUFFIX', 'create_zzz_model']
 
+ZZZ_SUFFIX = '_zzz'   # <arch>_zzz: the timm architecture with a ZZZ (or linear) head
 HEAD_TYPES = ('zzz', 'linear')
 BACKBONE_PREFIX = 'backbone.'
 # create_model kwargs consumed by the wrapper, never passed to the base

@@ -18,9 +18,10 @@ from timm.models import register_model
 from timm.models._pretrained import DefaultCfg
 from timm.models._registry import _deprecated_models, _model_default_cfgs, _model_entrypoints, _model_pretrained_cfgs
 
+from .model import ZZZ_SUFFIX, create_zzz_model
+
 __all__ = ['ZZZ_SUFFIX', 'register_zzz', 'zzz_name', 'base_name', 'is_zzz_name']
 
-ZZZ_SUFFIX = '_zzz'
 
 # '<arch>_zzz' -> DefaultCfg: read by timm's register_model (as for timm's own modules) to register the tags
 default_cfgs: Dict[str, DefaultCfg] = {}
@@ -62,7 +63,6 @@ def _make_entrypoint(arch: str) -> Callable[..., Any]:
     """A timm entrypoint `<arch>_zzz(pretrained=False, **kwargs)` that builds ZZZModel around `arch`."""
 
     def entrypoint(pretrained: bool = False, **kwargs: Any):
-        from .model import create_zzz_model  # deferred: registration must stay cheap at import
         return create_zzz_model(arch, pretrained=pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = arch + ZZZ_SUFFIX

@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from .engine.errors import SettingError
+from .errors import SettingError
 
 
 class PKBatchSampler(Sampler[List[int]]):

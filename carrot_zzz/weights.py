@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .files import replacing
+from .version import __version__
 
 __all__ = ['save_weights', 'load_weights', 'fit_state_dict', 'checkpoint_keys', 'is_whole_model_keys', 'head_info',
            'describe_checkpoint', 'CLASS_NAMES_KEY', 'TEMPERATURE_KEY']
@@ -211,7 +212,6 @@ def save_weights(model: nn.Module, path: PathLike, metadata: Optional[Dict[str, 
     Returns the path.
     """
     import safetensors.torch
-    from . import __version__
     path = Path(path)
     if path.suffix != '.safetensors':
         raise ValueError(f"save_weights writes safetensors: give a path ending in '.safetensors', got '{path}'")

@@ -32,6 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .head_fit import fit_zzz_head
+from .softplus import inverse_softplus_above
+
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """float32, or float64 when any input is float64: half precision cancels in the expanded form."""
@@ -124,17 +127,6 @@ def _orthonormalising_factor(A: torch.Tensor, gram: torch.Tensor) -> torch.Tenso
         basis = A @ inv_r
         inv_r = inv_r @ _inverse_cholesky_factor(basis.transpose(1, 2) @ basis)
     return inv_r.to(A.dtype)
-
-
-_FLOOR_MARGIN = 1e-6        # values at a floor are written as floor * (1 + margin): a finite raw value
-
-
-def inverse_softplus_above(value: torch.Tensor, floor: float) -> torch.Tensor:
-    """raw with softplus(raw) + floor = value; values at or below the floor map to
-    softplus^-1(max(floor * margin, tiny)): very negative but finite (about log of that)."""
-    tiny = torch.finfo(value.dtype).tiny
-    y = (value - floor).clamp_min(max(floor * _FLOOR_MARGIN, tiny))
-    return y + torch.log(-torch.expm1(-y))                                   # log(exp(y) - 1), stable
 
 
 class ZZZHead(nn.Module):
@@ -482,5 +474,4 @@ class ZZZHead(nn.Module):
         """Closed-form start on frozen features (N, d) with labels (N,): per-class probabilistic PCA plus one
         temperature fitted on held-out features, written into mu, A, v_raw, sigma2_raw, bias in place.
         See carrot_zzz.head_fit.fit_zzz_head for the formulas, the options and the returned dict."""
-        from .head_fit import fit_zzz_head
         return fit_zzz_head(self, feats, labels, holdout, **kwargs)

@@ -91,6 +91,15 @@ def test_unknown_keeps_the_share_it_was_fitted_for_and_flags_an_unseen_class(run
     assert all(row['unknown'] and row['ood_threshold'] == 1e9 for row in forced)
 
 
+def test_a_training_checkpoint_predicts_the_same(runs, folders, tmp_path):
+    """model_best.pth.tar (uncalibrated, as trained) gives the same top-k classes as its calibrated safetensors: a
+    temperature never changes a prediction; its probabilities differ by the temperature."""
+    for name in ('zzz', 'linear'):
+        pth = _infer(folders['seen'], os.path.join(runs[name], 'model_best.pth.tar'), tmp_path, '--topk', '2')
+        safe = _infer(folders['seen'], os.path.join(runs[name], 'model_best.safetensors'), tmp_path, '--topk', '2')
+        assert [r['label'] for r in pth] == [r['label'] for r in safe] and pth[0]['label'][0] in NAMES
+
+
 def test_reject_unknown_needs_a_threshold(runs, folders, tmp_path):
     with pytest.raises(SystemExit, match='--reject-unknown: the checkpoint stores no out-of-distribution '
                                          'threshold; pass --ood-threshold X'):

@@ -14,5 +14,5 @@
     fit          resume_path, load_resume, attach_ema, continue_run, fit (the epochs), export_best_weights
 
 Every function takes the run's configuration `cfg` (train.py's parsed flags) and raises SettingError, named by the
-setting, for what the user can fix. carrot_zzz.evaluate is the evaluation loop shared with validate.py.
+setting, for what the user can fix. engine.evaluate is the one evaluation loop (train.py, validate.py, inference.py).
 """

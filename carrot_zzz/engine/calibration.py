@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..evaluate import logits_and_embedding, predict
+from .evaluate import logits_and_embedding, predict
 from ..metrics import classification_metrics, threshold_at_tpr
 from ..ood import OODScorer, default_ood_score
 from ..temperature import fit_temperature, fold_temperature
@@ -50,7 +50,7 @@ def foldable_head(model: nn.Module) -> Optional[nn.Module]:
 
 def score_split(model: nn.Module, loader, precision: Precision, channels_last: bool = False,
                 scorer=None, log_every: int = 0, log_name: str = 'Calibration') -> Dict[str, torch.Tensor]:
-    """carrot_zzz.evaluate.predict with the logits kept, and the embeddings too for a ZZZ head (its fold may need
+    """carrot_zzz.engine.evaluate.predict with the logits kept, and the embeddings too for a ZZZ head (its fold may need
     them, and so does the 'maha' score)."""
     zzz = isinstance(foldable_head(model), ZZZHead)
     return predict(model, loader, precision, channels_last=channels_last, scorer=scorer, keep_logits=True,

@@ -17,7 +17,7 @@ from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import distribute_bn, unwrap_model
 from torch import nn
 
-from ..evaluate import epoch_metrics, predict
+from .evaluate import epoch_metrics, predict
 from ..weights import CLASS_NAMES_KEY, load_checkpoint_file, save_weights
 from .checkpoints import set_rng_state, writing
 from .data import set_loader_epoch

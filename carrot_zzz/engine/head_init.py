@@ -17,7 +17,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from ..evaluate import logits_and_embedding, predict
+from .evaluate import logits_and_embedding, predict
 from ..head_fit import fit_linear_head
 from ..zzz_head import ZZZHead
 from .data import TrainingData, eval_loader, training_part_for_eval

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .distributed import is_distributed
-from .engine.precision import Precision
-from .metrics import sample_scores, split_metrics
+from ..distributed import is_distributed
+from ..metrics import sample_scores, split_metrics
+from .precision import Precision
 
 __all__ = ['predict', 'epoch_metrics', 'split_metrics', 'logits_and_embedding']
 
