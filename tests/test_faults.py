@@ -468,3 +468,54 @@ def test_a_runaway_data_start_keeps_the_default_head(data_dir, tmp_path, monkeyp
     messages = ' '.join(r.message for r in caplog.records)
     assert 'the fitted temperature ran away (tau 6.6e+07, held-out NLL 1.386 not below ln 4 = 1.386' in messages
     assert 'the head keeps its default start' in messages and 'its features are random' in messages
+
+
+# --- 10. preemption ---------------------------------------------------------------------------------------------
+
+def test_sigterm_saves_the_update_and_resume_auto_matches_the_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    """SIGTERM inside epoch 1 (what a scheduler sends before preemption): a recovery checkpoint of the next update,
+    one line naming it and --resume auto, a non-zero exit; --resume auto then continues inside that epoch and the
+    run ends with the uninterrupted run's numbers."""
+    extra = ('--head', 'zzz', '--zzz-rank', '2', '--carrot', '--model-ema', '--model-ema-decay', '0.9')
+    full = summary(run(data_dir, tmp_path / 'a', 'full', *extra, epochs=2))
+    real = Trainer._after_update
+
+    def signalled(self, updates_done):
+        real(self, updates_done)
+        if updates_done == self.updates_per_epoch + 2:                     # epoch 1, update 1
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, '_after_update', signalled)
+    with pytest.raises(SystemExit, match=r'stopped by SIGTERM at epoch 1, update 1: the state of update 1 of epoch 1 '
+                                         r'is in .*recovery-1-1.pth.tar; continue with --resume auto \(and the same '
+                                         r'--experiment\)'):
+        run(data_dir, tmp_path / 'b', 'part', *extra, epochs=2)
+    monkeypatch.setattr(Trainer, '_after_update', real)
+    assert [row[0] for row in summary(tmp_path / 'b' / 'part')[1:]] == ['0']
+    run(data_dir, tmp_path / 'b', 'part', *extra, '--resume', 'auto', epochs=2)
+    resumed = summary(tmp_path / 'b' / 'part')
+    assert [row[0] for row in resumed[1:]] == ['0', '1'] and resumed[0] == full[0]
+    columns = full[0]
+    for col in ('train_loss', 'train_R', 'eval_loss', 'eval_top1', 'lr'):
+        i = columns.index(col)
+        assert float(resumed[2][i]) == pytest.approx(float(full[2][i]), rel=1e-5, abs=1e-7), col
+
+
+def test_a_second_signal_stops_at_once(data_dir, tmp_path):
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {ROOT!r})
+        import train
+        from carrot_zzz.engine.loop import Trainer
+        real = Trainer._after_update
+        def twice(self, updates_done):
+            real(self, updates_done)
+            if updates_done == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+        Trainer._after_update = twice
+        train.main({[data_dir, *BASE, '--epochs', '2', '--output', str(tmp_path), '--experiment', 'twice']!r})
+    """)
+    p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGTERM, p.stderr[-2000:]
+    assert not [f for f in os.listdir(tmp_path / 'twice') if f.startswith('recovery')]

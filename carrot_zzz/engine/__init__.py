@@ -1,4 +1,4 @@
-"""The training engine behind train.py, one phase per module:
+"""The engine behind train.py, validate.py and inference.py, one phase per module:
 
     settings     check_training_settings, check_experiment_folder: what can be refused before anything is built
     process      start_process (devices, torchrun, precision, seeds), place_model, loss_scaler, experiment_name
@@ -11,8 +11,12 @@
     checkpoints  CheckpointKeeper: last / checkpoint-N / model_best / milestones / recovery, kill-consistent
     head_init    init_head_from_data: --head-init data, the closed-form start from one feature pass
     loop         Trainer.train_epoch: one epoch of steps, logging, divergence check
+    preemption   StopSignals: SIGTERM / SIGINT stop training at the next update with a recovery checkpoint
     fit          resume_path, load_resume, attach_ema, continue_run, fit (the epochs), export_best_weights
+    calibration  the temperature after training (and validate.py --fit-temperature), the "unknown" threshold
+    evaluate     predict: the one evaluation loop (train.py, validate.py, inference.py), DDP shards in order
+    inference    inference.py's rows: top-k labels, "unknown", unreadable images, ONNX logits
 
 Every function takes the run's configuration `cfg` (train.py's parsed flags) and raises SettingError, named by the
-setting, for what the user can fix. engine.evaluate is the one evaluation loop (train.py, validate.py, inference.py).
+setting, for what the user can fix.
 """

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import re
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -26,11 +27,12 @@ from ..files import atomic_link, atomic_write
 from ..weights import load_checkpoint_file
 from .errors import CheckpointWriteError, first_line
 
-__all__ = ['CheckpointKeeper', 'rng_state', 'set_rng_state', 'plain', 'writing', 'CHECKPOINT_SUFFIX']
+__all__ = ['CheckpointKeeper', 'rng_state', 'set_rng_state', 'plain', 'writing', 'CHECKPOINT_SUFFIX', 'RECOVERY_NAME']
 
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIX = '.pth.tar'
+RECOVERY_NAME = re.compile(r'recovery-(\d+)-(\d+)\.pth\.tar')    # recovery-<epoch>-<update>
 Entry = Tuple[int, Optional[float]]       # (epoch, metric or None)
 
 
@@ -155,10 +157,12 @@ class CheckpointKeeper:
         return path
 
     def recovery(self, state: Dict[str, Any], epoch: int, update: int) -> str:
-        """recovery-<epoch>-<update>.pth.tar; the one before the previous is removed."""
+        """recovery-<epoch>-<update>.pth.tar, with the ranking so far (`saver`); the one before the previous is
+        removed."""
         path = self.path(f'recovery-{epoch}-{update}')
+        saver = self.bookkeeping(self.history, self.best, epoch, None)        # the ranking so far, for a resume
         with writing(os.path.basename(path), self.folder):
-            atomic_write(path, lambda f: torch.save({**state, 'epoch': epoch}, f))
+            atomic_write(path, lambda f: torch.save({**state, 'epoch': epoch, 'saver': saver}, f))
         self.recoveries.append(path)
         while len(self.recoveries) > 2:
             old = self.recoveries.pop(0)

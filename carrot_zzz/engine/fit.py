@@ -19,11 +19,12 @@ from torch import nn
 
 from .evaluate import epoch_metrics, predict
 from ..weights import CLASS_NAMES_KEY, load_checkpoint_file, save_weights
-from .checkpoints import set_rng_state, writing
+from .checkpoints import RECOVERY_NAME, set_rng_state, writing
 from .data import set_loader_epoch
 from .errors import CheckpointWriteError, SettingError, first_line
 from .experiment import DEFAULT_OUTPUT, SummaryLog
 from .loop import Trainer
+from .preemption import Preempted, StopSignals, agreed_stop
 from .models import CHECKPOINT_ERRORS
 
 __all__ = ['resume_path', 'load_resume', 'attach_ema', 'continue_run', 'fit', 'export_best_weights',
@@ -33,12 +34,30 @@ _logger = logging.getLogger(__name__)
 
 
 def resume_path(cfg) -> str:
-    """The checkpoint to resume from: cfg.resume, or for 'auto' the experiment's own last.pth.tar ('' if none)."""
+    """The checkpoint to resume from: cfg.resume, or for 'auto' the experiment's newest state ('' if none): its
+    last.pth.tar, or a recovery checkpoint of the epoch after it (a run stopped inside an epoch)."""
     if cfg.resume != 'auto':
         return cfg.resume
-    last = os.path.join(cfg.output or DEFAULT_OUTPUT, cfg.experiment, 'last.pth.tar')
-    _logger.info(f'resume auto: {"resuming from " + last if os.path.isfile(last) else "no " + last + ", a fresh start"}')
-    return last if os.path.isfile(last) else ''
+    folder = os.path.join(cfg.output or DEFAULT_OUTPUT, cfg.experiment)
+    last = os.path.join(folder, 'last.pth.tar')
+    newest = _newest_recovery(folder, _stored_epoch(last) if os.path.isfile(last) else -1) or \
+        (last if os.path.isfile(last) else '')
+    _logger.info(f'resume auto: {"resuming from " + newest if newest else "no " + last + ", a fresh start"}')
+    return newest
+
+
+def _stored_epoch(path: str) -> int:
+    return load_checkpoint_file(path, mmap=True).get('epoch', -1)
+
+
+def _newest_recovery(folder: str, last_epoch: int) -> str:
+    """The recovery-<E>-<U>.pth.tar with the largest (E, U) of an epoch after last_epoch, '' if none."""
+    found = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        match = RECOVERY_NAME.fullmatch(name)
+        if match and int(match.group(1)) > last_epoch:
+            found.append((int(match.group(1)), int(match.group(2)), name))
+    return os.path.join(folder, max(found)[2]) if found else ''
 
 
 def load_resume(task, optimizer, scaler, cfg, path: str):
@@ -52,6 +71,8 @@ def load_resume(task, optimizer, scaler, cfg, path: str):
     except CHECKPOINT_ERRORS as e:
         raise SettingError('resume', path, f'cannot resume from it ({first_line(e, 200)}); it is truncated or the '
                                            f'checkpoint of another model: pass an intact last.pth.tar of this run') from e
+    if 'update' in saved:                    # a recovery checkpoint: its epoch continues, from the next update
+        return saved['epoch'], saved
     return epoch or 0, saved
 
 
@@ -66,16 +87,20 @@ def attach_ema(task, cfg, path: str) -> None:
 
 
 def continue_run(trainer: Trainer, saved: Dict[str, Any], start_epoch: int, same_folder: bool) -> None:
-    """Pick up where a resumed run stopped: the schedule at start_epoch, the checkpoint ranking (same folder),
-    and, for a single process, the RNG streams as if the run had not stopped."""
-    if trainer.scheduler is not None and start_epoch > 0:
-        if trainer.cfg.sched_on_updates:
-            trainer.scheduler.step_update(start_epoch * trainer.updates_per_epoch)
-        else:
-            trainer.scheduler.step(start_epoch)
+    """Pick up where a resumed run stopped: the schedule at start_epoch (and update, for a recovery checkpoint),
+    the checkpoint ranking (same folder), and, for a single process, the RNG streams as if the run had not
+    stopped (a recovery checkpoint restores them inside its epoch: Trainer.continue_within)."""
+    within = saved.get('update', -1) + 1 if 'update' in saved else 0
+    if within:
+        trainer.continue_within(saved)
+    done = start_epoch * trainer.updates_per_epoch + within
+    if trainer.scheduler is not None and trainer.cfg.sched_on_updates and done > 0:
+        trainer.scheduler.step_update(done)
+    elif trainer.scheduler is not None and start_epoch > 0:
+        trainer.scheduler.step(start_epoch)
     if trainer.keeper is not None and same_folder and saved:
         trainer.keeper.restore(saved.get('saver'), saved.get('epoch', start_epoch - 1))
-    if saved.get('rng_state') is not None and not trainer.cfg.distributed:
+    if saved.get('rng_state') is not None and not trainer.cfg.distributed and not within:
         set_rng_state(saved['rng_state'])
 
 
@@ -138,38 +163,49 @@ def fit(trainer: Trainer, start_epoch: int, end_epoch: int, summary: Optional[Su
     cfg = trainer.cfg
     milestones = set(cfg.save_epochs or ())
     results = []
-    try:
-        for epoch in range(start_epoch, end_epoch):
-            set_loader_epoch(trainer.data.train_loader, epoch)
-            began = time.time()
-            train = trainer.train_epoch(epoch)
-            _logger.info(f'Epoch {epoch} trained in {time.time() - began:.1f}s')
-            if cfg.distributed and cfg.dist_bn in ('broadcast', 'reduce'):
-                distribute_bn(trainer.task.get_trainable_module(), cfg.world_size, cfg.dist_bn == 'reduce')
-            done = epoch + 1
-            if done % cfg.val_interval and done != end_epoch:
-                _logger.info(f'Epoch {epoch}: no evaluation or checkpoint (val_interval {cfg.val_interval})')
-                if trainer.keeper is not None and done in milestones:
-                    trainer.keeper.save(trainer.state(), epoch)      # unranked: the milestone needs this state
-                    trainer.keeper.milestone(done)
-                if trainer.scheduler is not None:
-                    trainer.scheduler.step(done, metric=None)
-                continue
-            evaluation = _evaluate(trainer)
-            value, rank_by = _rank_metric(trainer, train, evaluation)
-            if summary is not None:
-                lrs = [g['lr'] for g in trainer.optimizer.param_groups]
-                row = summary.append(epoch, train, evaluation, sum(lrs) / len(lrs))
-                if wandb is not None:
-                    wandb.log(row)
-            if trainer.keeper is not None:
-                _save_epoch(trainer, epoch, rank_by, done in milestones, summary)
-            if trainer.scheduler is not None:
-                trainer.scheduler.step(done, value)
-            results.append({'epoch': epoch, 'train': train, **({'validation': evaluation} if evaluation else {})})
-    except KeyboardInterrupt:
-        _logger.info('Interrupted: stopping after the last complete epoch')
+    with StopSignals() as trainer.stop:
+        try:
+            _epochs(trainer, start_epoch, end_epoch, summary, wandb, milestones, results)
+        except KeyboardInterrupt:
+            _logger.info('Interrupted: stopping after the last complete epoch')
     return results
+
+
+def _epochs(trainer: Trainer, start_epoch: int, end_epoch: int, summary: Optional[SummaryLog], wandb,
+            milestones, results: List[Dict[str, Any]]) -> None:
+    """The epochs of fit; a stop request seen after an epoch's checkpoint ends the run there (Preempted)."""
+    cfg = trainer.cfg
+    for epoch in range(start_epoch, end_epoch):
+        set_loader_epoch(trainer.data.train_loader, epoch)
+        began = time.time()
+        train = trainer.train_epoch(epoch)
+        _logger.info(f'Epoch {epoch} trained in {time.time() - began:.1f}s')
+        if cfg.distributed and cfg.dist_bn in ('broadcast', 'reduce'):
+            distribute_bn(trainer.task.get_trainable_module(), cfg.world_size, cfg.dist_bn == 'reduce')
+        done = epoch + 1
+        if done % cfg.val_interval and done != end_epoch:
+            _logger.info(f'Epoch {epoch}: no evaluation or checkpoint (val_interval {cfg.val_interval})')
+            if trainer.keeper is not None and done in milestones:
+                trainer.keeper.save(trainer.state(), epoch)      # unranked: the milestone needs this state
+                trainer.keeper.milestone(done)
+            if trainer.scheduler is not None:
+                trainer.scheduler.step(done, metric=None)
+            continue
+        evaluation = _evaluate(trainer)
+        value, rank_by = _rank_metric(trainer, train, evaluation)
+        if summary is not None:
+            lrs = [g['lr'] for g in trainer.optimizer.param_groups]
+            row = summary.append(epoch, train, evaluation, sum(lrs) / len(lrs))
+            if wandb is not None:
+                wandb.log(row)
+        if trainer.keeper is not None:
+            _save_epoch(trainer, epoch, rank_by, done in milestones, summary)
+        if trainer.scheduler is not None:
+            trainer.scheduler.step(done, value)
+        results.append({'epoch': epoch, 'train': train, **({'validation': evaluation} if evaluation else {})})
+        if done < end_epoch and agreed_stop(trainer.stop, cfg.distributed, trainer.precision.device):
+            raise Preempted(f'stopped by {trainer.stop.name} after epoch {epoch}: its checkpoint last.pth.tar is '
+                            f'complete; continue with `resume` auto (and the same `experiment`)')
 
 
 def export_best_weights(folder: str, model: nn.Module, ema_model: Optional[nn.Module] = None,

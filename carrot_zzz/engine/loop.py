@@ -22,12 +22,13 @@ from timm.utils import AverageMeter, dispatch_clip_grad
 
 from ..carrot import NAN_WHEN_UNUSED
 from ..weights import CLASS_NAMES_KEY
-from .checkpoints import CheckpointKeeper, plain, rng_state
+from .checkpoints import CheckpointKeeper, plain, rng_state, set_rng_state
 from .data import TrainingData
 from .errors import TrainingDiverged
 from .means import RunningMeans
 from .optim import clip_parameters
 from .precision import Precision
+from .preemption import Preempted, StopSignals, agreed_stop
 
 __all__ = ['Trainer', 'accumulation_group', 'updates_per_epoch', 'freeze_batch_norm_statistics']
 
@@ -83,8 +84,11 @@ class Trainer:
     keeper: Optional[CheckpointKeeper] = None
     output_dir: Optional[str] = None
     clip: List[torch.nn.Parameter] = field(default_factory=list)
+    stop: Optional[StopSignals] = None           # SIGTERM / SIGINT: stop at the next update (engine.preemption)
+    resume_at: Optional[Dict[str, Any]] = None   # a recovery checkpoint's place in its epoch (see continue_within)
 
     def __post_init__(self):
+        self._after_skip = None
         if self.cfg.clip_grad is not None:
             self.clip = clip_parameters(self.task, self.cfg.clip_mode)
         self.world = self.cfg.world_size if self.cfg.distributed else 1
@@ -182,6 +186,33 @@ class Trainer:
         if self.keeper is not None:
             self.keeper.recovery(self.state(), epoch, update)
 
+    def _preempt(self, epoch: int, update: int, running: RunningMeans, epoch_rng: Dict[str, Any]) -> None:
+        """Write the recovery checkpoint of this update (rank 0) and raise Preempted naming it."""
+        path = None
+        if self.keeper is not None:
+            path = self.keeper.recovery({**self.state(), 'update': update, 'epoch_rng_state': epoch_rng,
+                                         'running': running.state()}, epoch, update)
+        where = f'the state of update {update} of epoch {epoch} is in {path}' if path else 'rank 0 saved the state'
+        raise Preempted(f'stopped by {self.stop.name} at epoch {epoch}, update {update}: {where}; continue with '
+                        f'`resume` auto (and the same `experiment`)')
+
+    def continue_within(self, saved: Dict[str, Any]) -> None:
+        """Resume inside an epoch from a recovery checkpoint (its `update`): the epoch's batches up to that update
+        are read again but not trained on, with the RNG streams of the epoch's start, then the stopped run's."""
+        self.resume_at = {key: saved[key] for key in ('epoch', 'update', 'epoch_rng_state', 'rng_state', 'running')
+                          if key in saved}
+
+    def _skip_to(self, epoch: int, running: RunningMeans) -> int:
+        """Batches to read without training in this epoch (0 unless resuming inside it); restores its RNG start."""
+        resume, self.resume_at = self.resume_at, None
+        if not resume or resume['epoch'] != epoch:
+            return 0
+        if not self.cfg.distributed:
+            set_rng_state(resume['epoch_rng_state'])
+        running.load(resume['running'], self.precision.device)
+        self._after_skip = resume['rng_state'] if not self.cfg.distributed else None
+        return (resume['update'] + 1) * self.cfg.grad_accum_steps
+
     def _after_update(self, updates_done: int) -> None:
         self.optimizer.zero_grad()
         self.task.update_ema(step=updates_done)
@@ -200,11 +231,17 @@ class Trainer:
         running, window = RunningMeans(NAN_WHEN_UNUSED), RunningMeans(NAN_WHEN_UNUSED)
         step_time, data_time = AverageMeter(), AverageMeter()
         batches, steps = len(loader), cfg.grad_accum_steps
-        updates_done = epoch * self.updates_per_epoch
+        skip = self._skip_to(epoch, running)
+        epoch_rng = rng_state()                     # what a recovery checkpoint of this epoch starts it from
+        updates_done = epoch * self.updates_per_epoch + skip // steps
         samples = 0
         self.optimizer.zero_grad()
         tick = last_update = time.time()
         for index, (images, target) in enumerate(loader):
+            if index < skip:                        # resuming inside the epoch: read, do not train
+                if index == skip - 1 and self._after_skip is not None:
+                    set_rng_state(self._after_skip)
+                continue
             group, update_now = accumulation_group(index, batches, steps)
             images, target = self._inputs(images, target)
             data_time.update(group * (time.time() - tick))
@@ -224,9 +261,12 @@ class Trainer:
             self._after_update(updates_done)
             if cfg.recovery_interval and (update + 1) % cfg.recovery_interval == 0:
                 self._recovery(epoch, update, running)
+            at_log = update % cfg.log_interval == 0 or index == batches - 1
+            if (at_log or not cfg.distributed) and agreed_stop(self.stop, cfg.distributed, self.precision.device):
+                self._preempt(epoch, update, running, epoch_rng)
             step_time.update(time.time() - last_update)
             last_update = time.time()
-            if update % cfg.log_interval == 0 or index == batches - 1:
+            if at_log:
                 lrs = [g['lr'] for g in self.optimizer.param_groups]
                 self._log(epoch, update, {**values, **stats}, window, running, (step_time, data_time), samples,
                           sum(lrs) / len(lrs))

@@ -27,6 +27,17 @@ class RunningMeans:
             self.sums[name] = self.sums.get(name, 0.0) + value * weight
             self.counts[name] = self.counts.get(name, 0.0) + count
 
+    def state(self) -> Dict[str, Dict[str, object]]:
+        """The sums and counts, on the CPU (a recovery checkpoint keeps them: the epoch's means continue)."""
+        cpu = lambda v: v.detach().cpu() if torch.is_tensor(v) else v     # noqa: E731
+        return {'sums': {n: cpu(v) for n, v in self.sums.items()}, 'counts': {n: cpu(v) for n, v in self.counts.items()}}
+
+    def load(self, state: Dict[str, Dict[str, object]], device: torch.device) -> None:
+        """Continue from a state() (tensors back on `device`)."""
+        move = lambda v: v.to(device) if torch.is_tensor(v) else v        # noqa: E731
+        self.sums = {n: move(v) for n, v in state['sums'].items()}
+        self.counts = {n: move(v) for n, v in state['counts'].items()}
+
     def means(self, world_size: int = 1) -> 'OrderedDict[str, float]':
         """{name: mean} over everything added (summed over DDP ranks first); NaN for a name never defined."""
         if not self.sums:
