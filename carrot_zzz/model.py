@@ -22,14 +22,13 @@ from timm.models import load_pretrained, resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
 from timm.models._registry import _model_pretrained_cfgs, _model_to_module
 
-from .weights import _clean_key, checkpoint_keys, fit_state_dict, is_whole_model_keys
+from .weights import BACKBONE_PREFIX, _clean_key, checkpoint_keys, fit_state_dict, is_whole_model_keys
 from .zzz_head import ZZZHead
 
 __all__ = ['ZZZModel', 'HEAD_TYPES', 'ZZZ_SUFFIX', 'create_zzz_model']
 
 ZZZ_SUFFIX = '_zzz'   # <arch>_zzz: the timm architecture with a ZZZ (or linear) head
 HEAD_TYPES = ('zzz', 'linear')
-BACKBONE_PREFIX = 'backbone.'
 # create_model kwargs consumed by the wrapper, never passed to the base
 _HEAD_KWARGS = ('head_type', 'zzz_rank', 'zzz_v_min', 'zzz_sigma2_min')
 _WHOLE_MODEL_SOURCES = ('local-dir', 'hf-hub')
@@ -377,9 +376,9 @@ def _fit_whole_model(state_dict: Dict[str, torch.Tensor], model: 'ZZZModel', arc
     base_filter = getattr(importlib.import_module(f'timm.models.{module}'), 'checkpoint_filter_fn', None) \
         if module else None
     if base_filter is not None:
-        backbone = {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')}
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('backbone.')}
-        state_dict.update({'backbone.' + k: v for k, v in base_filter(backbone, model.backbone).items()})
+        backbone = {k[len(BACKBONE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(BACKBONE_PREFIX)}
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(BACKBONE_PREFIX)}
+        state_dict.update({BACKBONE_PREFIX + k: v for k, v in base_filter(backbone, model.backbone).items()})
     expected = model.state_dict()
     first_convs = model.pretrained_cfg.get('first_conv') or ()
     adapted_later = {k: state_dict[k] for k in (f'{c}.weight' for c in (

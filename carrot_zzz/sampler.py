@@ -19,6 +19,16 @@ from torch.utils.data import Sampler
 from .errors import SettingError
 
 
+def check_pk_batch(batch_size: int, samples_per_class: int) -> None:
+    """SettingError unless a batch of batch_size is P classes x K = samples_per_class samples."""
+    if samples_per_class < 1 or samples_per_class > batch_size:
+        raise SettingError('samples_per_class', samples_per_class, f'must lie in [1, batch_size={batch_size}]; '
+                                                                   f'lower samples_per_class or raise batch_size')
+    if batch_size % samples_per_class:
+        raise SettingError('batch_size', batch_size, f'is not a multiple of samples_per_class={samples_per_class}; '
+                                                     f'use a batch of P x K')
+
+
 class PKBatchSampler(Sampler[List[int]]):
     """Batches of `batch_size // samples_per_class` classes x `samples_per_class` samples (see module doc).
 
@@ -45,12 +55,7 @@ class PKBatchSampler(Sampler[List[int]]):
         labels = torch.as_tensor(labels, dtype=torch.long)
         if labels.ndim != 1 or labels.numel() == 0:
             raise ValueError('PKBatchSampler: labels must be a non-empty 1-d sequence of class indices')
-        if samples_per_class < 1 or samples_per_class > batch_size:
-            raise SettingError('samples_per_class', samples_per_class, f'must lie in [1, batch_size={batch_size}]; '
-                                                                       f'lower samples_per_class or raise batch_size')
-        if batch_size % samples_per_class:
-            raise SettingError('batch_size', batch_size, f'is not a multiple of samples_per_class='
-                                                         f'{samples_per_class}; use a batch of P x K')
+        check_pk_batch(batch_size, samples_per_class)
         if not 0 <= rank < num_replicas:
             raise ValueError(f'PKBatchSampler: rank {rank} outside [0, {num_replicas})')
         self.batch_size = batch_size

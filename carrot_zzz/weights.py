@@ -21,12 +21,13 @@ from .files import replacing
 from .version import __version__
 
 __all__ = ['save_weights', 'load_weights', 'fit_state_dict', 'checkpoint_keys', 'is_whole_model_keys', 'head_info',
-           'describe_checkpoint', 'CLASS_NAMES_KEY', 'TEMPERATURE_KEY']
+           'describe_checkpoint', 'BACKBONE_PREFIX', 'HEAD_PREFIX', 'CLASS_NAMES_KEY', 'TEMPERATURE_KEY']
 
 _logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DDP / torch.compile, in either order
+BACKBONE_PREFIX, HEAD_PREFIX = 'backbone.', 'head.'   # a carrot_zzz model's state dict: backbone.* and head.*
 CLASS_NAMES_KEY = 'class_names'   # metadata entry (JSON list) and .pth.tar entry (list): names in label order
 TEMPERATURE_KEY = 'temperature'   # metadata entry: the logit temperature folded into the weights
 
@@ -78,8 +79,8 @@ def checkpoint_keys(path: PathLike) -> List[str]:
 def is_whole_model_keys(keys: Iterable[str]) -> bool:
     """True for the keys of a saved `_zzz` model: all under backbone. / head., at least one backbone. key."""
     keys = list(keys)
-    return (any(k.startswith('backbone.') for k in keys)
-            and all(k.startswith(('backbone.', 'head.')) for k in keys))
+    return (any(k.startswith(BACKBONE_PREFIX) for k in keys)
+            and all(k.startswith((BACKBONE_PREFIX, HEAD_PREFIX)) for k in keys))
 
 
 def head_info(shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, Any]:

@@ -27,13 +27,20 @@ from ..files import atomic_link, atomic_write
 from ..weights import load_checkpoint_file
 from .errors import CheckpointWriteError, first_line
 
-__all__ = ['CheckpointKeeper', 'rng_state', 'set_rng_state', 'plain', 'writing', 'CHECKPOINT_SUFFIX', 'RECOVERY_NAME']
+__all__ = ['CheckpointKeeper', 'rng_state', 'set_rng_state', 'plain', 'writing', 'last_checkpoint', 'CHECKPOINT_SUFFIX',
+           'RECOVERY_NAME']
 
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIX = '.pth.tar'
+LAST = 'last'                     # last.pth.tar: the state after the latest epoch
 RECOVERY_NAME = re.compile(r'recovery-(\d+)-(\d+)\.pth\.tar')    # recovery-<epoch>-<update>
 Entry = Tuple[int, Optional[float]]       # (epoch, metric or None)
+
+
+def last_checkpoint(folder: str) -> str:
+    """The path of an experiment folder's last.pth.tar."""
+    return os.path.join(folder, LAST + CHECKPOINT_SUFFIX)
 
 
 def plain(value: Any) -> Any:
@@ -136,7 +143,7 @@ class CheckpointKeeper:
         state = {**state, 'epoch': epoch, 'saver': self.bookkeeping(history, best, epoch, metric)}
         if _ranked(metric):
             state['metric'] = float(metric)
-        last = self.path('last')
+        last = self.path(LAST)
         with writing(f'the checkpoint of epoch {epoch}', self.folder):
             atomic_write(last, lambda f: torch.save(state, f))
             if kept:
@@ -153,7 +160,7 @@ class CheckpointKeeper:
         """milestone-<N>.pth.tar: a link to last.pth.tar, outside the ranking."""
         path = self.path(f'milestone-{completed_epochs}')
         with writing(os.path.basename(path), self.folder):
-            atomic_link(self.path('last'), path)
+            atomic_link(self.path(LAST), path)
         return path
 
     def recovery(self, state: Dict[str, Any], epoch: int, update: int) -> str:
@@ -189,7 +196,7 @@ class CheckpointKeeper:
         best_file = self.path('model_best')
         if os.path.exists(best_file) and _stored_epoch(best_file) == self.best[0]:
             return
-        source = self._epoch_file(self.best[0]) if self.best[0] != last_epoch else self.path('last')
+        source = self._epoch_file(self.best[0]) if self.best[0] != last_epoch else self.path(LAST)
         if os.path.exists(source) and _stored_epoch(source) == self.best[0]:
             atomic_link(source, best_file)
             _logger.warning(f'model_best{CHECKPOINT_SUFFIX} did not hold the best epoch {self.best[0]}: '

@@ -17,6 +17,7 @@ import socket
 from typing import Dict, Optional
 
 from ..files import atomic_write, remove_stale_temporaries
+from .checkpoints import last_checkpoint
 from .errors import SettingError
 
 __all__ = ['open_experiment', 'ExperimentLock', 'SummaryLog', 'DEFAULT_OUTPUT']
@@ -69,7 +70,7 @@ def open_experiment(output: str, name: str, args_text: str, resuming: bool, over
     except OSError as e:
         raise SettingError('output', output, f'cannot write in {folder} ({e.strerror}); pass a writable '
                                              f'output=PATH') from e
-    if not resuming and not overwrite and os.path.exists(os.path.join(folder, 'last.pth.tar')):
+    if not resuming and not overwrite and os.path.exists(last_checkpoint(folder)):
         lock.release()
         raise SettingError('experiment', name, f'{folder} holds a run already; continue it with resume=auto, pass '
                                                f'a new experiment=NAME, or overwrite it with `overwrite`')

@@ -19,7 +19,7 @@ from torch import nn
 
 from .evaluate import epoch_metrics, predict
 from ..weights import CLASS_NAMES_KEY, load_checkpoint_file, save_weights
-from .checkpoints import RECOVERY_NAME, set_rng_state, writing
+from .checkpoints import RECOVERY_NAME, last_checkpoint, set_rng_state, writing
 from .data import set_loader_epoch
 from .errors import CheckpointWriteError, SettingError, first_line
 from .experiment import DEFAULT_OUTPUT, SummaryLog
@@ -39,7 +39,7 @@ def resume_path(cfg) -> str:
     if cfg.resume != 'auto':
         return cfg.resume
     folder = os.path.join(cfg.output or DEFAULT_OUTPUT, cfg.experiment)
-    last = os.path.join(folder, 'last.pth.tar')
+    last = last_checkpoint(folder)
     newest = _newest_recovery(folder, _stored_epoch(last) if os.path.isfile(last) else -1) or \
         (last if os.path.isfile(last) else '')
     _logger.info(f'resume auto: {"resuming from " + newest if newest else "no " + last + ", a fresh start"}')
@@ -217,7 +217,7 @@ def export_best_weights(folder: str, model: nn.Module, ema_model: Optional[nn.Mo
     (a warning says so)."""
     source = os.path.join(folder, 'model_best.pth.tar')
     if not os.path.exists(source):
-        source = os.path.join(folder, 'last.pth.tar')
+        source = last_checkpoint(folder)
         if not os.path.exists(source):
             return []
     checkpoint = load_checkpoint_file(source)

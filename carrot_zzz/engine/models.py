@@ -18,8 +18,8 @@ from ..registry import base_name, is_zzz_name, zzz_name
 from .errors import SettingError, first_line
 from .precision import input_channels
 
-__all__ = ['model_name_and_head', 'merge_model_kwargs', 'create_training_model', 'HEAD_SETTINGS',
-           'CHECKPOINT_ERRORS']
+__all__ = ['model_name_and_head', 'merge_model_kwargs', 'create_training_model', 'check_scriptable',
+           'HEAD_SETTINGS', 'CHECKPOINT_ERRORS']
 
 HEAD_SETTINGS = ('zzz_rank', 'zzz_v_min', 'zzz_sigma2_min')   # the ZZZ head's create_model kwargs
 # what a truncated, corrupt or mismatched checkpoint raises (torch.load, load_state_dict, timm's readers)
@@ -41,6 +41,12 @@ def model_name_and_head(cfg: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     if cfg.head is not None:
         kwargs['head_type'] = cfg.head
     return name, kwargs
+
+
+def check_scriptable(torchscript: bool, carrot_zzz_model: bool) -> None:
+    """SettingError for torchscript with a carrot_zzz model (the ZZZ head and the wrapper are not scriptable)."""
+    if torchscript and carrot_zzz_model:
+        raise SettingError('torchscript', True, 'is not supported for carrot_zzz models; use `torchcompile`')
 
 
 def merge_model_kwargs(chosen: Dict[str, Any], model_kwargs: Dict[str, Any], source: str) -> Dict[str, Any]:

@@ -11,7 +11,9 @@ import os
 from ..registry import is_zzz_name
 from .errors import SettingError
 from .experiment import DEFAULT_OUTPUT
-from .models import HEAD_SETTINGS
+from ..sampler import check_pk_batch
+from .checkpoints import last_checkpoint
+from .models import HEAD_SETTINGS, check_scriptable
 
 __all__ = ['check_training_settings', 'check_experiment_folder', 'NON_NEGATIVE_SETTINGS']
 
@@ -83,20 +85,14 @@ def _check_head(cfg: argparse.Namespace) -> None:
         for name in HEAD_SETTINGS:
             if getattr(cfg, name) is not None:
                 raise SettingError(name, getattr(cfg, name), 'configures the ZZZ head; add head=zzz or remove it')
-    if cfg.torchscript and (cfg.carrot or cfg.head or is_zzz_name(cfg.model)):
-        raise SettingError('torchscript', True, 'is not supported for carrot_zzz models; use `torchcompile`')
+    check_scriptable(cfg.torchscript, bool(cfg.carrot or cfg.head or is_zzz_name(cfg.model)))
 
 
 def _check_sampler(cfg: argparse.Namespace) -> None:
     if cfg.sampler != 'pk':
         return
     k = cfg.samples_per_class
-    if not 1 <= k <= cfg.batch_size:
-        raise SettingError('samples_per_class', k, f'must lie in [1, batch_size={cfg.batch_size}]; lower '
-                                                   f'samples_per_class or raise batch_size')
-    if cfg.batch_size % k:
-        raise SettingError('batch_size', cfg.batch_size, f'is not a multiple of samples_per_class={k}; use a '
-                                                         f'batch of P x K')
+    check_pk_batch(cfg.batch_size, k)
     if cfg.carrot and k < 2:
         raise SettingError('samples_per_class', k, 'CARROT needs classes with 2 or more samples in a batch; pass '
                                                    'samples_per_class=2 or more')
@@ -111,7 +107,7 @@ def check_experiment_folder(cfg: argparse.Namespace) -> None:
     """SettingError before anything is built when a new run (no resume) would write into an experiment folder
     that holds a run already (open_experiment checks again when it takes the folder)."""
     folder = os.path.join(cfg.output or DEFAULT_OUTPUT, cfg.experiment) if cfg.experiment else None
-    if folder and not cfg.resume and not cfg.overwrite and os.path.exists(os.path.join(folder, 'last.pth.tar')):
+    if folder and not cfg.resume and not cfg.overwrite and os.path.exists(last_checkpoint(folder)):
         raise SettingError('experiment', cfg.experiment, f'{folder} holds a run already; continue it with '
                                                          f'resume=auto, pass a new experiment=NAME, or overwrite it '
                                                          f'with `overwrite`')

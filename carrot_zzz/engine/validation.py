@@ -36,7 +36,7 @@ from ..sampler import dataset_targets
 from ..registry import is_zzz_name, zzz_name
 from ..weights import CLASS_NAMES_KEY, describe_checkpoint, fit_state_dict, read_weights
 from .errors import SettingError, first_line
-from .models import merge_model_kwargs
+from .models import check_scriptable, merge_model_kwargs
 from .precision import Precision, input_channels
 
 __all__ = ['read_checkpoint', 'model_spec', 'create_validation_model', 'open_eval_split', 'validation_loader',
@@ -142,8 +142,7 @@ def create_validation_model(cfg: argparse.Namespace, state_dict: Optional[Dict[s
     if not timm.is_model(name.split('.')[0]):
         raise SettingError('model', name, 'timm has no such model; pass a timm architecture (timm.list_models()) '
                                           'or its _zzz variant')
-    if cfg.torchscript and is_zzz_name(name):
-        raise SettingError('torchscript', True, 'is not supported for carrot_zzz models; use `torchcompile`')
+    check_scriptable(cfg.torchscript, is_zzz_name(name))
     pretrained = cfg.pretrained and state_dict is None
     try:
         model = timm.create_model(name, pretrained=pretrained, in_chans=input_channels(cfg.in_chans, cfg.input_size),
