@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Heads on FROZEN features: a linear head against the ZZZ head, from their random init and from their closed-form
-starts (carrot_zzz.head_fit), with and without the same short training.
+starts (carrot_zzz.zzz_fit, carrot_zzz.linear_probe), with and without the same short training.
 
 Setup (the data of docs/results.md):
 - Data: Fashion-MNIST without class 8 "Bag", 600 train / 200 test images per class (5400 / 1800), written by
@@ -14,7 +14,7 @@ Setup (the data of docs/results.md):
   biases, 1-d and scalar parameters), constant lr, cross-entropy with label smoothing 0.1, 420 steps = 5 epochs
   of 84 batches of 64 (a seeded permutation per epoch, the last 24 samples of each epoch dropped).
 - Heads: linear = nn.Linear(1280, 10) with its default init (what timm's reset_classifier builds); linear
-  probe = carrot_zzz.head_fit.fit_linear_head (L-BFGS logistic regression from zero, default weight decay;
+  probe = carrot_zzz.linear_probe.fit_linear_head (L-BFGS logistic regression from zero, default weight decay;
   fitted once, it does not depend on the seed); ZZZ rank r = ZZZHead with the design's random init; ZZZ fit =
   ZZZHead.init_from_features(train features, labels): per-class PPCA and one temperature fitted on a
   class-stratified 20% of the TRAIN features that init_from_features carves itself (seeded with the run's seed),
@@ -45,7 +45,7 @@ from torch import nn
 
 from carrot_zzz import ZZZHead
 from carrot_zzz.data import create_dataset
-from carrot_zzz.head_fit import fit_linear_head
+from carrot_zzz.linear_probe import fit_linear_head
 from carrot_zzz.metrics import classification_metrics, ood_metrics
 from carrot_zzz.ood import OODScorer
 

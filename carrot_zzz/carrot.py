@@ -96,83 +96,101 @@ def carrot_regularizer(
     batch_size, dim = z.shape
     labels = labels_from_target(target, batch_size)
     dtype = torch.promote_types(z.dtype, torch.float32)
-
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.to(dtype)
-        # group samples by class: groups are numbered 0..G-1 in label order, rows 0..n_c-1 inside a group
-        labels_sorted, order = torch.sort(labels, stable=True)
-        is_start = torch.ones_like(labels_sorted, dtype=torch.bool)
-        is_start[1:] = labels_sorted[1:] != labels_sorted[:-1]
-        gid_sorted = torch.cumsum(is_start, 0) - 1
-        # samples per group (B,), zero past the last group; index_add, as bincount would sync on CUDA
-        counts = z.new_zeros(batch_size).index_add(0, gid_sorted, z.new_ones(batch_size))
-        if batch_size == 0:
-            num_groups, group_size = 0, 0
-        elif max_per_class is None:   # the one host sync: the sizes of the padded buffer
-            num_groups, group_size = torch.stack([gid_sorted[-1] + 1, counts.max().long()]).tolist()
-        else:
-            num_groups = batch_size if max_classes is None else max_classes
-            group_size = max_per_class
-            torch._assert_async(
-                (counts.max() <= group_size) & (gid_sorted[-1] < num_groups),
-                'carrot: the batch has more classes than max_classes or more samples of a class than '
-                'max_per_class. Under a P x K sampler the loader handed over other samples than it was asked for: '
-                'timm\'s image readers replace an image that fails to load by the next sample, possibly of another '
-                'class. Check the image files (train.py does, up front), or pass no bounds')
-        counts = F.pad(counts, (0, max(num_groups - batch_size, 0)))[:num_groups]  # (G,) samples per class
-        start = torch.cumsum(counts, 0).long() - counts.long()
-        pos_sorted = torch.arange(batch_size, device=z.device) - start.index_select(0, gid_sorted)
-        # per sample, in z's order: its group (B,) and its row of the padded (G K, D) buffer (B,)
-        gid = torch.empty_like(gid_sorted).index_copy_(0, order, gid_sorted)
-        slot = torch.empty_like(gid_sorted).index_copy_(0, order, gid_sorted * group_size + pos_sorted)
-
-        # centre each class and copy it into a zero-padded buffer (index_select / index_add / index_copy:
-        # their backward passes are plain gathers and adds, not sorting scatters)
-        sums = z.new_zeros(num_groups, dim).index_add(0, gid, z)                 # (G, D)
-        means = sums / counts.clamp_min(1).unsqueeze(1)                          # (G, D)
-        centred = z - means.index_select(0, gid)                                 # (B, D)
-        padded = z.new_zeros(num_groups * group_size, dim).index_copy_(0, slot, centred)
-        padded = padded.view(num_groups, group_size, dim)                        # (G, K, D)
-
-        # Gram (G, K, K): the non-zero eigenvalues of n_c Cov_c, and its trace n_c S_c
-        gram = _SymmetricGram.apply(padded)
-        within = gram.diagonal(dim1=1, dim2=2).sum(1)                            # n_c S_c (G,)
-
-        # variance barrier; S_bar = (within-class + between-class scatter) / B, from (G,) and (G, D) terms
-        grand_mean = sums.sum(0) / max(batch_size, 1)                            # (D,)
-        between = counts * (means - grand_mean).square().sum(1)                  # n_c ||m_c - mean(z)||^2 (G,)
-        total_scatter = ((within.sum() + between.sum()) / max(batch_size, 1)).clamp_min(eps)  # S_bar
-        class_scatter = (within / counts.clamp_min(1)).clamp_min(eps)            # S_c (G,)
-        ratio = class_scatter / total_scatter                                      # r_c
-        var_term = -torch.log(ratio)
-
-        # effective-rank barrier
-        eigvals = symmetric_eigvals(gram).clamp_min(0)                             # (G, K)
-        p = eigvals / eigvals.sum(1, keepdim=True).clamp_min(eps)
-        entropy = -(p * torch.log(p.clamp_min(eps))).sum(1)                        # log erank_c
+        gid, slot, counts, num_groups, group_size = _group_by_class(labels, z, max_classes, max_per_class)
+        sums, means, padded = _padded_classes(z, gid, slot, counts, num_groups, group_size)
+        gram = _SymmetricGram.apply(padded)                                      # (G, K, K)
+        ratio = _scatter_ratio(gram, sums, means, counts, batch_size, eps)       # r_c (G,)
+        entropy = _log_erank(gram, eps)                                          # log erank_c (G,)
         if rank_norm == 'dim':
             log_norm = torch.full_like(entropy, math.log(dim))
         else:
             log_norm = torch.log((counts - 1).clamp(min=1, max=dim))
-        rank_term = log_norm - entropy                                             # -log(erank_c / N_c)
-
         used = counts >= 2
         num_used = used.sum()
         denom = num_used.clamp_min(1).to(dtype)
         zero = torch.zeros((), dtype=dtype, device=z.device)
-        r_var = torch.where(used, var_term, zero).sum() / denom
-        r_rank = torch.where(used, rank_term, zero).sum() / denom
+        r_var = torch.where(used, -torch.log(ratio), zero).sum() / denom         # mean_c -log r_c
+        r_rank = torch.where(used, log_norm - entropy, zero).sum() / denom       # mean_c -log(erank_c / N_c)
         reg = r_var + r_rank
+    return reg, _statistics(reg, r_var, r_rank, used, num_used, ratio, entropy, dim)
 
+
+def _group_by_class(labels: torch.Tensor, z: torch.Tensor, max_classes: Optional[int],
+                    max_per_class: Optional[int]):
+    """(gid (B,), slot (B,), counts (G,), G, K): each sample's class group (numbered in label order) and its row
+    of a zero-padded (G K, D) buffer, the samples per group, the buffer's sizes. One host sync without
+    max_per_class (the sizes), none with it (the bounds are checked asynchronously)."""
+    batch_size = labels.shape[0]
+    labels_sorted, order = torch.sort(labels, stable=True)
+    is_start = torch.ones_like(labels_sorted, dtype=torch.bool)
+    is_start[1:] = labels_sorted[1:] != labels_sorted[:-1]
+    gid_sorted = torch.cumsum(is_start, 0) - 1
+    # samples per group (B,), zero past the last group; index_add, as bincount would sync on CUDA
+    counts = z.new_zeros(batch_size).index_add(0, gid_sorted, z.new_ones(batch_size))
+    if batch_size == 0:
+        num_groups, group_size = 0, 0
+    elif max_per_class is None:   # the one host sync: the sizes of the padded buffer
+        num_groups, group_size = torch.stack([gid_sorted[-1] + 1, counts.max().long()]).tolist()
+    else:
+        num_groups = batch_size if max_classes is None else max_classes
+        group_size = max_per_class
+        torch._assert_async(
+            (counts.max() <= group_size) & (gid_sorted[-1] < num_groups),
+            'carrot: the batch has more classes than max_classes or more samples of a class than '
+            'max_per_class. Under a P x K sampler the loader handed over other samples than it was asked for: '
+            'timm\'s image readers replace an image that fails to load by the next sample, possibly of another '
+            'class. Check the image files (train.py does, up front), or pass no bounds')
+    counts = F.pad(counts, (0, max(num_groups - batch_size, 0)))[:num_groups]  # (G,) samples per class
+    start = torch.cumsum(counts, 0).long() - counts.long()
+    pos_sorted = torch.arange(batch_size, device=z.device) - start.index_select(0, gid_sorted)
+    gid = torch.empty_like(gid_sorted).index_copy_(0, order, gid_sorted)
+    slot = torch.empty_like(gid_sorted).index_copy_(0, order, gid_sorted * group_size + pos_sorted)
+    return gid, slot, counts, num_groups, group_size
+
+
+def _padded_classes(z: torch.Tensor, gid: torch.Tensor, slot: torch.Tensor, counts: torch.Tensor, num_groups: int,
+                    group_size: int):
+    """(sums (G, D), means (G, D), padded (G, K, D)): each class centred and copied into a zero-padded buffer
+    (index_select / index_add / index_copy: their backward passes are plain gathers and adds, not sorting
+    scatters)."""
+    sums = z.new_zeros(num_groups, z.shape[1]).index_add(0, gid, z)          # (G, D)
+    means = sums / counts.clamp_min(1).unsqueeze(1)                          # (G, D)
+    centred = z - means.index_select(0, gid)                                 # (B, D)
+    padded = z.new_zeros(num_groups * group_size, z.shape[1]).index_copy_(0, slot, centred)
+    return sums, means, padded.view(num_groups, group_size, z.shape[1])
+
+
+def _scatter_ratio(gram: torch.Tensor, sums: torch.Tensor, means: torch.Tensor, counts: torch.Tensor,
+                   batch_size: int, eps: float) -> torch.Tensor:
+    """r_c = S_c / S_bar (G,): the trace of the Gram matrix is n_c S_c; S_bar = (within-class + between-class
+    scatter) / B, from (G,) and (G, D) terms."""
+    within = gram.diagonal(dim1=1, dim2=2).sum(1)                            # n_c S_c (G,)
+    grand_mean = sums.sum(0) / max(batch_size, 1)                            # (D,)
+    between = counts * (means - grand_mean).square().sum(1)                  # n_c ||m_c - mean(z)||^2 (G,)
+    total_scatter = ((within.sum() + between.sum()) / max(batch_size, 1)).clamp_min(eps)  # S_bar
+    class_scatter = (within / counts.clamp_min(1)).clamp_min(eps)            # S_c (G,)
+    return class_scatter / total_scatter
+
+
+def _log_erank(gram: torch.Tensor, eps: float) -> torch.Tensor:
+    """log erank_c (G,) = the entropy of the normalised eigenvalues of each class's Gram matrix (G, K, K)."""
+    eigvals = symmetric_eigvals(gram).clamp_min(0)                             # (G, K)
+    p = eigvals / eigvals.sum(1, keepdim=True).clamp_min(eps)
+    return -(p * torch.log(p.clamp_min(eps))).sum(1)
+
+
+def _statistics(reg, r_var, r_rank, used, num_used, ratio, entropy, dim: int) -> Dict[str, torch.Tensor]:
+    """The detached 0-d statistics of carrot_regularizer (STAT_NAMES); the minima NaN when no class is used."""
     with torch.no_grad():
-        nan = torch.full((), float('nan'), dtype=dtype, device=z.device)
-        inf = torch.full((), float('inf'), dtype=dtype, device=z.device)
-        min_r = torch.where(used, ratio, inf).amin() if num_groups else inf
-        min_erank = torch.where(used, entropy.exp() / dim, inf).amin() if num_groups else inf
-        stats = dict(zip(STAT_NAMES, (
+        nan = torch.full((), float('nan'), dtype=reg.dtype, device=reg.device)
+        inf = torch.full((), float('inf'), dtype=reg.dtype, device=reg.device)
+        min_r = torch.where(used, ratio, inf).amin() if used.numel() else inf
+        min_erank = torch.where(used, entropy.exp() / dim, inf).amin() if used.numel() else inf
+        return dict(zip(STAT_NAMES, (
             reg.detach(), r_var.detach(), r_rank.detach(), num_used,
             torch.where(num_used > 0, min_r, nan), torch.where(num_used > 0, min_erank, nan))))
-    return reg, stats
 
 
 class CarrotRegularizer(nn.Module):

@@ -5,7 +5,7 @@
 
 NLL(beta) = mean_i [LSE_c beta l_ic - beta l_iy_i] for beta = 1 / T is convex in beta (a log-sum-exp of functions
 linear in beta); the minimiser is found by safeguarded Newton steps in log beta, float64. The same solver fits the
-ZZZ head's closed-form start (carrot_zzz.head_fit), where the logits are a_ic - beta h_ic. Temperature scaling
+ZZZ head's closed-form start (carrot_zzz.zzz_fit), where the logits are a_ic - beta h_ic. Temperature scaling
 keeps every prediction (and so top-1) and can only lower the NLL of the split it is fitted on (Guo et al., 2017).
 
 Folding: a linear head's weight and bias are divided by T; a ZZZ head scales its Gaussians

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .head_fit import fit_zzz_head
+from .zzz_fit import fit_zzz_head
 from .softplus import inverse_softplus_above
 
 
@@ -473,5 +473,5 @@ class ZZZHead(nn.Module):
     def init_from_features(self, feats: torch.Tensor, labels: torch.Tensor, holdout=None, **kwargs) -> dict:
         """Closed-form start on frozen features (N, d) with labels (N,): per-class probabilistic PCA plus one
         temperature fitted on held-out features, written into mu, A, v_raw, sigma2_raw, bias in place.
-        See carrot_zzz.head_fit.fit_zzz_head for the formulas, the options and the returned dict."""
+        See carrot_zzz.zzz_fit.fit_zzz_head for the formulas, the options and the returned dict."""
         return fit_zzz_head(self, feats, labels, holdout, **kwargs)

@@ -1,4 +1,4 @@
-"""Closed-form head starts (carrot_zzz.head_fit) against naive per-class loops written from the formulas."""
+"""Closed-form head starts (carrot_zzz.zzz_fit, carrot_zzz.linear_probe) against naive per-class loops written from the formulas."""
 import math
 
 import pytest
@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from carrot_zzz import ZZZHead
-from carrot_zzz.head_fit import fit_linear_head, fit_zzz_head
+from carrot_zzz.linear_probe import fit_linear_head
+from carrot_zzz.zzz_fit import fit_zzz_head
 
 
 def class_gaussians(num_classes, dim, rank, per_class, noise=0.02, spread=0.05, seed=0, draw=0, scale=True):

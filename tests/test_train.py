@@ -533,7 +533,7 @@ def test_head_init_fits_the_features_of_the_training_split(data_dir, tmp_path, h
     import copy
     from carrot_zzz import ZZZHead
     from carrot_zzz.engine.head_init import init_head_from_data
-    from carrot_zzz.head_fit import fit_linear_head
+    from carrot_zzz.linear_probe import fit_linear_head
     flags = ('--head', head, *(('--zzz-rank', '2') if head == 'zzz' else ()), '--holdout-fraction', holdout,
              '--no-prefetcher')                                   # the data set's transform normalises
     cfg, precision, model, data = _built(data_dir, tmp_path, *flags)

@@ -4,7 +4,7 @@ One pass over the training samples through the evaluation transform (no augmenta
 embeddings; then a ZZZ head gets its per-class probabilistic PCA and one temperature (ZZZHead.init_from_features,
 the temperature fitted on the held-out part when holdout_fraction is set; a fit whose held-out NLL is no better than
 a uniform guess keeps the default start, with a warning), a linear head a multinomial logistic regression
-(carrot_zzz.head_fit.fit_linear_head), the same start for both so comparisons are fair. Without pretrained
+(carrot_zzz.linear_probe.fit_linear_head), the same start for both so comparisons are fair. Without pretrained
 weights a warning says the features are random. Done before the EMA copy, compilation and DDP wrapping: DDP's
 construction broadcasts rank 0's weights, so every process starts from the same head. A resumed run keeps its trained head.
 """
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .evaluate import logits_and_embedding, predict
-from ..head_fit import fit_linear_head
+from ..linear_probe import fit_linear_head
 from ..zzz_head import ZZZHead
 from .data import TrainingData, eval_loader, training_part_for_eval
 from .errors import SettingError

@@ -1,5 +1,5 @@
-"""Closed-form starts for a head on frozen features: the ZZZ head by per-class probabilistic PCA plus one
-temperature, and a linear head by an L2-penalised multinomial logistic regression (a linear probe).
+"""The ZZZ head's closed-form start on frozen features: per-class probabilistic PCA plus one temperature
+(ZZZHead.init_from_features; the linear head's start is carrot_zzz.linear_probe).
 
 ZZZ head (probabilistic PCA, Tipping & Bishop 1999: one Gaussian per class, sigma^2 pooled over the classes).
 On x = normalize(feat), N samples, n_c of class c, d features, rank r:
@@ -38,53 +38,22 @@ the classes' residuals (chunk, n_max, d) with classes sorted by count (little pa
 the smaller side: the Gram matrices D D^T / n_c (chunk, n_max, n_max) when n_max <= d, else the scatter
 matrices (chunk, d, d); float64 for both. Never a (C, d, d) tensor. The temperature scores at most
 max_temperature_samples held-out features against every fitted class (the dominant cost: N_h C d (r + 1)).
-
-Linear probe: on the raw embedding z (timm's linear head sees it unnormalised), mean zbar, and the per-coordinate
-RMS s = sqrt(mean_i ||z_i - zbar||^2 / d),
-
-    loss(W, b) = mean_i CE(W z_i + b, y_i) + weight_decay / 2 * s^2 ||W||_F^2
-
-i.e. the penalty weight_decay / 2 ||W'||^2 on W' = s W, the weights acting on the centred features scaled to unit
-RMS (weight_decay does not depend on the scale of the backbone's features); full-batch L-BFGS on (W', b').
 """
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .temperature import fit_inverse_temperature, nll_derivatives
+from .fit_inputs import check_labelled
 from .softplus import inverse_softplus_above
+from .temperature import fit_inverse_temperature, nll_derivatives
 
-__all__ = ['fit_zzz_head', 'fit_linear_head']
+__all__ = ['fit_zzz_head']
 
+_WHAT = 'ZZZHead.init_from_features'     # the public name errors are reported under
 _RELATIVE_EIG_TOL = 1e-9    # Gram eigenvalues below this fraction of the largest give no usable direction,
 _ROUNDING_EIG_TOL = 100.0   # nor those below 100 d eps^2 (eps of the features' dtype): rounding of unit vectors
-
-
-# --- input checks -----------------------------------------------------------------------------------------------
-
-def _check_labelled(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, feat_dim: int,
-                    what: str) -> None:
-    """One-line ValueErrors for features (N, feat_dim) and integer labels (N,) in [0, num_classes)."""
-    if not isinstance(feats, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise ValueError(f'{what}: features and labels must be tensors; pass torch.Tensor (N, d) and (N,)')
-    if feats.ndim != 2 or feats.shape[1] != feat_dim:
-        raise ValueError(f'{what}: expected features of shape (N, {feat_dim}), got {tuple(feats.shape)}; pass '
-                         f'the pooled embeddings the head sees (feat_dim = the embedding size)')
-    if not feats.is_floating_point():
-        raise ValueError(f'{what}: features must be floating point, got {feats.dtype}; pass feats.float()')
-    if labels.ndim != 1 or labels.shape[0] != feats.shape[0]:
-        raise ValueError(f'{what}: expected labels of shape ({feats.shape[0]},), got {tuple(labels.shape)}; pass '
-                         f'one class index per feature row')
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f'{what}: labels must be integer class indices, got {labels.dtype}; pass labels.long()')
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f'{what}: labels must lie in [0, {num_classes}), got [{labels.min().item()}, '
-                         f'{labels.max().item()}]; remap the labels to the head\'s class indices')
-    if not all(torch.isfinite(block).all() for block in feats.split(8192)):   # blocks: no (N, d) temporaries
-        raise ValueError(f'{what}: features contain NaN or inf; remove those rows')
 
 
 # --- fitting the class Gaussians --------------------------------------------------------------------------------
@@ -307,6 +276,55 @@ def _write_zzz(head, fit: Dict[str, torch.Tensor], tau: float, prior_bias: bool,
     return sigma2.item(), below
 
 
+def _check_options(head, feats, labels, calibrate, holdout_fraction, max_temperature_samples, memory_budget_mb,
+                   chunk_classes) -> None:
+    """One-line ValueErrors for the inputs and options of fit_zzz_head."""
+    check_labelled(feats, labels, head.num_classes, head.feat_dim, _WHAT)
+    if feats.shape[0] < 2:
+        raise ValueError(f'{_WHAT}: needs at least 2 feature rows, got {feats.shape[0]}; pass more samples')
+    if calibrate not in ('logits', 'covariance'):
+        raise ValueError(f"{_WHAT}: calibrate must be 'logits' or 'covariance', got {calibrate!r}")
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f'{_WHAT}: holdout_fraction must be in (0, 1), got {holdout_fraction}')
+    if max_temperature_samples < 1 or memory_budget_mb <= 0 or (chunk_classes is not None and chunk_classes < 1):
+        raise ValueError(f'{_WHAT}: max_temperature_samples and chunk_classes must be >= 1 and memory_budget_mb '
+                         f'> 0; pass positive limits')
+
+
+def _temperature_split(head, feats: torch.Tensor, labels: torch.Tensor, holdout, holdout_fraction: float, seed: int):
+    """(rows the Gaussians are fitted on, held-out features, their labels, their rows): a pair given as holdout, or
+    a part carved from feats (see fit_zzz_head)."""
+    if holdout is None:
+        fit_rows, held_rows = _carve_holdout(labels, head.num_classes, holdout_fraction, seed)
+        if held_rows.numel() == 0:
+            raise ValueError(f'{_WHAT}: no class has the {math.ceil(1 / holdout_fraction)} samples needed to carve '
+                             f'a holdout at holdout_fraction={holdout_fraction}; pass holdout=(feats, labels), a '
+                             f'larger holdout_fraction, or temperature=False')
+        return fit_rows, feats, labels, held_rows
+    if not isinstance(holdout, (tuple, list)) or len(holdout) != 2:
+        raise ValueError(f'{_WHAT}: holdout must be a pair (feats (M, d), labels (M,)); pass a tuple')
+    check_labelled(holdout[0], holdout[1], head.num_classes, head.feat_dim, _WHAT + ' (holdout)')
+    held_feats, held_labels = holdout[0].detach().to(feats.device), holdout[1].to(feats.device).long()
+    return (torch.arange(feats.shape[0], device=feats.device), held_feats, held_labels,
+            torch.arange(held_feats.shape[0], device=feats.device))
+
+
+def _fit_tau(head, fit: Dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor, prior_bias: bool,
+             calibrate: str, budget: int) -> Tuple[float, float, float]:
+    """(tau, held-out NLL at tau = 1, at tau) for normalised held-out features x (N_h, d) with fitted-class
+    columns target (N_h,): the logits a - beta h of the module docstring, convex in beta."""
+    v0, logdet = _generative_variances(fit, head.v_min)                     # (K, r), (K,) float64
+    half_q = _mahalanobis(x, fit['means'], fit['basis'], v0, fit['sigma2'], budget).mul_(0.5)  # (N_h, K) float64
+    offset = _fitted_bias(fit['counts'], prior_bias) - 0.5 * logdet          # b_c - L_c / 2
+    if calibrate == 'logits':   # beta (offset - half_q) = 0 - beta (half_q - offset)
+        a, half_q = torch.zeros_like(offset), half_q.sub_(offset)
+    else:
+        a = offset
+    nll_before = nll_derivatives(half_q, a, target, 1.0)[0]
+    beta, nll_after = fit_inverse_temperature(half_q, a, target)
+    return 1.0 / beta, nll_before, nll_after
+
+
 def fit_zzz_head(head, feats: torch.Tensor, labels: torch.Tensor,
                  holdout: Optional[Sequence[torch.Tensor]] = None, *, temperature: bool = True,
                  calibrate: str = 'logits', holdout_fraction: float = 0.2, refit: bool = True,
@@ -343,17 +361,8 @@ def fit_zzz_head(head, feats: torch.Tensor, labels: torch.Tensor,
     without temperature), floored (1.0 when a floor was hit).
     Raises ValueError naming the fix for malformed input.
     """
-    what = 'ZZZHead.init_from_features'
-    _check_labelled(feats, labels, head.num_classes, head.feat_dim, what)
-    if feats.shape[0] < 2:
-        raise ValueError(f'{what}: needs at least 2 feature rows, got {feats.shape[0]}; pass more samples')
-    if calibrate not in ('logits', 'covariance'):
-        raise ValueError(f"{what}: calibrate must be 'logits' or 'covariance', got {calibrate!r}")
-    if not 0.0 < holdout_fraction < 1.0:
-        raise ValueError(f'{what}: holdout_fraction must be in (0, 1), got {holdout_fraction}')
-    if max_temperature_samples < 1 or memory_budget_mb <= 0 or (chunk_classes is not None and chunk_classes < 1):
-        raise ValueError(f'{what}: max_temperature_samples and chunk_classes must be >= 1 and memory_budget_mb '
-                         f'> 0; pass positive limits')
+    _check_options(head, feats, labels, calibrate, holdout_fraction, max_temperature_samples, memory_budget_mb,
+                   chunk_classes)
     budget = int(memory_budget_mb * 2 ** 20)
     dtype = torch.promote_types(feats.dtype, torch.float32)
     feats = feats.detach()
@@ -366,42 +375,18 @@ def fit_zzz_head(head, feats: torch.Tensor, labels: torch.Tensor,
         return dict(sigma2_ppca=fit['sigma2'].item(), tau=1.0, sigma2=sigma2, classes_fitted=fit['classes'].numel(),
                     holdout_samples=0, nll_before=math.nan, nll_after=math.nan, floored=float(below))
 
-    if holdout is None:
-        fit_rows, held_rows = _carve_holdout(labels, head.num_classes, holdout_fraction, seed)
-        if held_rows.numel() == 0:
-            raise ValueError(f'{what}: no class has the {math.ceil(1 / holdout_fraction)} samples needed to carve '
-                             f'a holdout at holdout_fraction={holdout_fraction}; pass holdout=(feats, labels), a '
-                             f'larger holdout_fraction, or temperature=False')
-        held_feats, held_labels = feats, labels
-    else:
-        if not isinstance(holdout, (tuple, list)) or len(holdout) != 2:
-            raise ValueError(f'{what}: holdout must be a pair (feats (M, d), labels (M,)); pass a tuple')
-        _check_labelled(holdout[0], holdout[1], head.num_classes, head.feat_dim, what + ' (holdout)')
-        fit_rows = every_row
-        held_feats, held_labels = holdout[0].detach().to(feats.device), holdout[1].to(feats.device).long()
-        held_rows = torch.arange(held_feats.shape[0], device=feats.device)
-
+    fit_rows, held_feats, held_labels, held_rows = _temperature_split(head, feats, labels, holdout, holdout_fraction,
+                                                                      seed)
     fit = _fit_class_gaussians(head, feats, labels, fit_rows, dtype, budget, chunk_classes)
     column = torch.full((head.num_classes,), -1, dtype=torch.long, device=feats.device)
     column[fit['classes']] = torch.arange(fit['classes'].numel(), device=feats.device)
     held_rows = held_rows[column[held_labels[held_rows]] >= 0]               # samples of fitted classes only
     if held_rows.numel() == 0:
-        raise ValueError(f'{what}: no held-out sample belongs to a class with training samples; pass a holdout '
+        raise ValueError(f'{_WHAT}: no held-out sample belongs to a class with training samples; pass a holdout '
                          f'with the same classes as feats')
     held_rows = _seeded_subset(held_rows, max_temperature_samples, seed)
-    v0, logdet = _generative_variances(fit, head.v_min)                     # (K, r), (K,) float64
-    half_q = _mahalanobis(_unit_rows(held_feats, held_rows, dtype), fit['means'], fit['basis'], v0,
-                          fit['sigma2'], budget).mul_(0.5)                  # (N_h, K) float64
-    offset = _fitted_bias(fit['counts'], prior_bias) - 0.5 * logdet          # b_c - L_c / 2
-    if calibrate == 'logits':   # beta (offset - half_q) = 0 - beta (half_q - offset)
-        a, half_q = torch.zeros_like(offset), half_q.sub_(offset)
-    else:
-        a = offset
-    target = column[held_labels[held_rows]]
-    nll_before = nll_derivatives(half_q, a, target, 1.0)[0]
-    beta, nll_after = fit_inverse_temperature(half_q, a, target)
-    tau = 1.0 / beta
-    del half_q
+    tau, nll_before, nll_after = _fit_tau(head, fit, _unit_rows(held_feats, held_rows, dtype),
+                                          column[held_labels[held_rows]], prior_bias, calibrate, budget)
 
     if holdout is None and refit:
         del fit
@@ -409,82 +394,3 @@ def fit_zzz_head(head, feats: torch.Tensor, labels: torch.Tensor,
     sigma2, below = _write_zzz(head, fit, tau, prior_bias, calibrate)
     return dict(sigma2_ppca=fit['sigma2'].item(), tau=tau, sigma2=sigma2, classes_fitted=fit['classes'].numel(),
                 holdout_samples=held_rows.numel(), nll_before=nll_before, nll_after=nll_after, floored=float(below))
-
-
-# --- linear probe -----------------------------------------------------------------------------------------------
-
-def _probe_loss(weight: torch.Tensor, bias: torch.Tensor, z: torch.Tensor, y: torch.Tensor,
-                weight_decay: float, rows: int, backward: bool) -> float:
-    """mean CE(z W^T + b, y) + weight_decay / 2 ||W||^2 over row chunks; accumulates gradients if backward."""
-    n = z.shape[0]
-    total = 0.0
-    for start in range(0, n, rows):
-        loss = F.cross_entropy(z[start:start + rows] @ weight.T + bias, y[start:start + rows],
-                               reduction='sum') / n
-        if backward:
-            loss.backward()
-        total += loss.item()
-    penalty = 0.5 * weight_decay * weight.square().sum()
-    if backward:
-        penalty.backward()
-    return total + penalty.item()
-
-
-def fit_linear_head(linear: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, *, weight_decay: float = 1e-3,
-                    max_iter: int = 200, rows: int = 8192) -> Dict[str, float]:
-    """Set linear.weight (C, D) and linear.bias (C,) in place to the L2-penalised logistic regression of the
-    module docstring on the raw embeddings feats (N, D) with labels (N,) in [0, C).
-
-    Full-batch L-BFGS (strong Wolfe line search, at most max_iter iterations) from zero on the centred, RMS-scaled
-    features, gradients accumulated over chunks of `rows` samples; weights mapped back to the raw features:
-    W = W' / s, b = b' - W zbar. Returns floats: loss_before (the objective at the layer's weights before),
-    loss_after, grad_norm (of the objective in (W', b') at the end), iterations.
-    Raises ValueError naming the fix for malformed input.
-    """
-    what = 'fit_linear_head'
-    if not isinstance(linear, nn.Linear):
-        raise ValueError(f'{what}: expected an nn.Linear head, got {type(linear).__name__}; pass model.head of a '
-                         f'linear-head model')
-    _check_labelled(feats, labels, linear.out_features, linear.in_features, what)
-    if feats.shape[0] < 2:
-        raise ValueError(f'{what}: needs at least 2 feature rows, got {feats.shape[0]}; pass more samples')
-    if linear.bias is None:
-        raise ValueError(f'{what}: the layer has no bias; create it with nn.Linear(..., bias=True) (timm\'s heads '
-                         f'have one)')
-    if weight_decay <= 0 or max_iter < 1 or rows < 1:
-        raise ValueError(f'{what}: weight_decay must be > 0 (separable features have no finite optimum without '
-                         f'it), max_iter and rows >= 1')
-    dtype = torch.promote_types(feats.dtype, torch.float32)
-    z = feats.detach().to(dtype)
-    y = labels.to(z.device).long()
-    mean = z.mean(0)
-    scale = ((z - mean).square().sum(1).mean() / z.shape[1]).sqrt().clamp_min(torch.finfo(dtype).tiny)
-    z = (z - mean) / scale
-
-    with torch.no_grad():   # the objective at the layer's present weights, in the scaled coordinates
-        w_now = linear.weight.detach().to(device=z.device, dtype=dtype) * scale
-        b_now = linear.bias.detach().to(device=z.device, dtype=dtype) + (w_now / scale) @ mean
-        loss_before = _probe_loss(w_now, b_now, z, y, weight_decay, rows, backward=False)
-
-    weight = torch.zeros(linear.out_features, linear.in_features, dtype=dtype, device=z.device, requires_grad=True)
-    bias = torch.zeros(linear.out_features, dtype=dtype, device=z.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=1e-9, tolerance_change=0.0, line_search_fn='strong_wolfe')
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = _probe_loss(weight, bias, z, y, weight_decay, rows, backward=True)
-        return torch.tensor(loss, dtype=torch.float64)   # L-BFGS reads float(loss): keep it float64
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-        optimizer.zero_grad()
-        loss_after = _probe_loss(weight, bias, z, y, weight_decay, rows, backward=True)
-    grad_norm = torch.cat([weight.grad.flatten(), bias.grad]).norm().item()
-    iterations = optimizer.state[weight].get('n_iter', 0)
-
-    with torch.no_grad():
-        raw_weight = weight.detach() / scale
-        linear.weight.copy_(raw_weight.to(linear.weight))
-        linear.bias.copy_((bias.detach() - raw_weight @ mean).to(linear.bias))
-    return dict(loss_before=loss_before, loss_after=loss_after, grad_norm=grad_norm, iterations=float(iterations))
