@@ -45,7 +45,7 @@ from carrot_zzz.engine.experiment import DEFAULT_OUTPUT, SummaryLog, open_experi
 from carrot_zzz.engine.fit import attach_ema, continue_run, export_best_weights, fit, load_resume, resume_path
 from carrot_zzz.engine.head_init import HEAD_INITS, init_head_from_data
 from carrot_zzz.engine.loop import Trainer, updates_per_epoch
-from carrot_zzz.engine.preemption import Preempted
+from carrot_zzz.engine.preemption import Preempted, ProcessLost
 from carrot_zzz.engine.models import create_training_model
 from carrot_zzz.engine.optim import build_optimizer, build_scheduler, resolve_learning_rate
 from carrot_zzz.engine.process import experiment_name, loss_scaler, place_model, start_process
@@ -394,7 +394,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[str]:
             continue_run(trainer, saved, start, same_folder)
             results = fit(trainer, start, min(epochs, cfg.stop_epoch or epochs), summary, _wandb(cfg, name))
         return _finish(cfg, trainer, folder, results, calibrate)
-    except (TrainingDiverged, CheckpointWriteError, Preempted) as e:
+    except (TrainingDiverged, CheckpointWriteError, Preempted, ProcessLost) as e:
         fail(SCRIPT, flag_text(str(e), [a.dest for a in parser._actions]))
     finally:
         if lock is not None:

@@ -107,3 +107,36 @@ def test_torchrun_two_processes(tmp_path, image_folder):
     assert (proc.stderr + proc.stdout).count('Head fitted to the data: 64 training samples') == 2   # both ranks
     assert (out / 'model_best.safetensors').exists()
     torch.load(out / 'last.pth.tar', weights_only=True)
+
+
+def test_a_lost_rank_is_one_line_on_the_others(tmp_path, image_folder):
+    """torchrun, 2 processes, rank 1 killed (SIGKILL) in its 3rd update: rank 0's collective fails; it stops with one
+    line naming the lost rank and --resume auto, no traceback of its own (torchrun's report follows)."""
+    from test_train import BASE
+    data = image_folder(tmp_path / 'data')
+    wrapper = tmp_path / 'run_train.py'
+    wrapper.write_text(textwrap.dedent(f'''
+        import os, signal, sys
+        sys.path[:0] = [{ROOT!r}]
+        import train
+        from carrot_zzz.engine.loop import Trainer
+        real = Trainer._after_update
+        def die(self, updates_done):
+            real(self, updates_done)
+            if updates_done == 3 and os.environ.get('RANK') == '1':
+                os.kill(os.getpid(), signal.SIGKILL)
+        Trainer._after_update = die
+        train.main()
+    '''))
+    argv = [data, *BASE, '--model', 'test_resnet', '--batch-size', '8', '--epochs', '2', '--output', str(tmp_path),
+            '--experiment', 'lost', '--head', 'zzz', '--zzz-rank', '2', '--carrot', '--sampler', 'pk',
+            '--samples-per-class', '4', '--log-interval', '1']
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(WORLD),
+         str(wrapper), *argv], capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'),
+        cwd=str(tmp_path))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert ('train.py: error: rank 1 of 2 was lost (process 0 saw its connection close); this process stops too. '
+            'The checkpoints written so far are kept: start the run again with --resume auto') in out, out[-3000:]
+    assert '[rank0]: Traceback' not in out and '[rank0]:' not in out

@@ -24,7 +24,8 @@ from .data import set_loader_epoch
 from .errors import CheckpointWriteError, SettingError, first_line
 from .experiment import DEFAULT_OUTPUT, SummaryLog
 from .loop import Trainer
-from .preemption import Preempted, StopSignals, agreed_stop
+from .preemption import Preempted, ProcessLost, StopSignals, agreed_stop
+from .process import lost_process_message
 from .models import CHECKPOINT_ERRORS
 
 __all__ = ['resume_path', 'load_resume', 'attach_ema', 'continue_run', 'fit', 'export_best_weights',
@@ -168,6 +169,11 @@ def fit(trainer: Trainer, start_epoch: int, end_epoch: int, summary: Optional[Su
             _epochs(trainer, start_epoch, end_epoch, summary, wandb, milestones, results)
         except KeyboardInterrupt:
             _logger.info('Interrupted: stopping after the last complete epoch')
+        except RuntimeError as e:           # under torchrun: a collective whose peer process died
+            lost = lost_process_message(cfg, e)
+            if lost is None:
+                raise
+            raise ProcessLost(lost) from e
     return results
 
 

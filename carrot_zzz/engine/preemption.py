@@ -7,6 +7,10 @@ The first signal is only noted: the loop stops at the next update boundary (sing
 line under torchrun, where the ranks agree on it in one small all_reduce (every rank stops at the same update),
 writes a recovery checkpoint of that update (rank 0) and raises Preempted, whose message names the file and how to
 continue (`--resume auto`). A second signal stops the process at once, as if no handler were installed.
+
+Under torchrun, when another process of the run dies its collectives fail here; fit turns that error into
+ProcessLost (engine.process.lost_process_message: which rank, and how to continue) while the handlers still hold
+the SIGTERM torchrun sends the survivors, so the line is printed before the process ends.
 """
 import logging
 import os
@@ -17,7 +21,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ['StopSignals', 'Preempted', 'agreed_stop']
+__all__ = ['StopSignals', 'Preempted', 'ProcessLost', 'agreed_stop']
 
 _logger = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -25,6 +29,10 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 class Preempted(RuntimeError):
     """Training stopped on a signal; the message says what was saved and how to continue."""
+
+
+class ProcessLost(RuntimeError):
+    """Under torchrun another process of the run died; the message names it and how to continue."""
 
 
 class StopSignals:

@@ -3,18 +3,25 @@ its device in its dtype and memory layout; the loss scaler; the output folder's 
 import argparse
 import importlib
 import logging
-from datetime import datetime
+import time
+from datetime import datetime, timedelta
+from typing import List, Optional
 
 import torch
 from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
 from timm.models import safe_model_name
 from timm.utils import NativeScaler, init_distributed_device, random_seed, set_jit_fuser
+import torch.distributed as dist
 from torch import nn
 
 from .errors import SettingError
 from .precision import Precision, fast_cuda_math, require_device, resolve_precision
 
-__all__ = ['start_process', 'place_model', 'loss_scaler', 'experiment_name']
+__all__ = ['start_process', 'place_model', 'loss_scaler', 'experiment_name', 'lost_process_message']
+
+LOST_PEER_SIGNS = ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe', 'NCCL communicator was '
+                   'aborted', 'ProcessGroupNCCL', 'Socket Timeout')   # a collective whose peer process is gone
+_ALIVE_KEY = 'carrot_zzz/alive_after_loss/'
 
 _logger = logging.getLogger(__name__)
 
@@ -76,3 +83,34 @@ def experiment_name(cfg: argparse.Namespace, image_size: int) -> str:
     if cfg.experiment:
         return cfg.experiment
     return f'{datetime.now().strftime("%Y%m%d-%H%M%S")}-{safe_model_name(cfg.model)}-{image_size}'
+
+
+def _lost_ranks(cfg: argparse.Namespace, wait_s: float) -> Optional[List[int]]:
+    """The ranks that do not answer after a collective failed: each survivor marks itself in the rendezvous store
+    (hosted by torchrun's agent, which outlives the workers) and waits up to wait_s for the others; None when the
+    store cannot be reached (it lived in the lost process)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f'{_ALIVE_KEY}{cfg.rank}', '1')
+        deadline = time.time() + wait_s
+        while True:
+            missing = [r for r in range(cfg.world_size) if not store.check([f'{_ALIVE_KEY}{r}'])]
+            if not missing or time.time() > deadline:
+                return missing
+            time.sleep(0.1)
+    except Exception:      # the store's own errors (RuntimeError, DistStoreError, timeouts): no answer to give
+        return None
+
+
+def lost_process_message(cfg: argparse.Namespace, error: BaseException, wait_s: float = 3.0) -> Optional[str]:
+    """The one line for a collective that failed because a process of the run died (None for any other error):
+    which rank was lost, when the store can tell, and how to continue."""
+    if not getattr(cfg, 'distributed', False) or not isinstance(error, RuntimeError):
+        return None
+    if not (isinstance(error, getattr(dist, 'DistBackendError', ())) or any(s in str(error) for s in LOST_PEER_SIGNS)):
+        return None
+    lost = _lost_ranks(cfg, wait_s)
+    who = (f'rank {", ".join(map(str, lost))} of {cfg.world_size} was lost' if lost else
+           f'a process of the {cfg.world_size} was lost')
+    return (f'{who} (process {cfg.rank} saw its connection close); this process stops too. The checkpoints written '
+            f'so far are kept: start the run again with `resume` auto (and the same `experiment`)')
