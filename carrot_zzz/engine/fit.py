@@ -210,7 +210,8 @@ def _epochs(trainer: Trainer, start_epoch: int, end_epoch: int, summary: Optiona
             trainer.scheduler.step(done, value)
         results.append({'epoch': epoch, 'train': train, **({'validation': evaluation} if evaluation else {})})
         if done < end_epoch and agreed_stop(trainer.stop, cfg.distributed, trainer.precision.device):
-            raise Preempted(f'stopped by {trainer.stop.name} after epoch {epoch}: its checkpoint last.pth.tar is '
+            raise Preempted(f'stopped by {trainer.stop.name or "a signal to another process"} after epoch {epoch}: '
+                            f'its checkpoint last.pth.tar is '
                             f'complete; continue with `resume` auto (and the same `experiment`)')
 
 

@@ -193,7 +193,8 @@ class Trainer:
             path = self.keeper.recovery({**self.state(), 'update': update, 'epoch_rng_state': epoch_rng,
                                          'running': running.state()}, epoch, update)
         where = f'the state of update {update} of epoch {epoch} is in {path}' if path else 'rank 0 saved the state'
-        raise Preempted(f'stopped by {self.stop.name} at epoch {epoch}, update {update}: {where}; continue with '
+        raise Preempted(f'stopped by {self.stop.name or "a signal to another process"} at epoch {epoch}, update '
+                        f'{update}: {where}; continue with '
                         f'`resume` auto (and the same `experiment`)')
 
     def continue_within(self, saved: Dict[str, Any]) -> None:
