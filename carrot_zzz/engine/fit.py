@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
@@ -133,15 +133,22 @@ def _evaluate(trainer: Trainer) -> Optional[Dict[str, float]]:
     return metrics
 
 
-def _rank_metric(trainer: Trainer, train: Dict[str, float], evaluation: Optional[Dict[str, float]]):
-    """The value the checkpoints are ranked by, None for a model that is not finite (never the best)."""
+class EpochMetric(NamedTuple):
+    """The epoch's metric for the schedule (value) and for the checkpoint ranking (rank_by: None for a model that
+    is not finite, which is never the best)."""
+    value: float
+    rank_by: Optional[float]
+
+
+def _rank_metric(trainer: Trainer, train: Dict[str, float], evaluation: Optional[Dict[str, float]]) -> EpochMetric:
+    """The epoch's metric (see EpochMetric): cfg.eval_metric of the evaluation, or the training loss without one."""
     name = trainer.cfg.eval_metric if evaluation is not None else 'loss'
     value = (evaluation if evaluation is not None else train)[name]
     loss = (evaluation if evaluation is not None else train)['loss']
     if not (math.isfinite(value) and math.isfinite(loss)) or not _finite_weights(trainer.task.get_trainable_module()):
         _logger.warning('the model is not finite after this epoch: its checkpoint is kept unranked, never the best')
-        return value, None
-    return value, value
+        return EpochMetric(value, None)
+    return EpochMetric(value, value)
 
 
 def _save_epoch(trainer: Trainer, epoch: int, rank_by: Optional[float], milestone: bool,

@@ -15,7 +15,7 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 from timm.utils import AverageMeter, dispatch_clip_grad
@@ -69,6 +69,14 @@ def _penalty_text(means: Dict[str, float]) -> str:
     """'  V shrink: 1.23  Decouple: 0.0456' for the ZZZ head's penalties that are on."""
     words = {'zzz_v_shrink': 'V shrink', 'zzz_decouple': 'Decouple'}
     return ''.join(f'  {words[name]}: {means[name]:#.3g}' for name in PENALTIES if name in means)
+
+
+class StepTiming(NamedTuple):
+    """What a log line says about time: seconds per update (AverageMeter), seconds waiting for data
+    (AverageMeter), samples of the update over all processes."""
+    step: AverageMeter
+    data: AverageMeter
+    samples: int
 
 
 @dataclass
@@ -159,14 +167,17 @@ class Trainer:
             f'the checkpoints written before are kept. Lower `lr` / `head_lr` (or `carrot_weight`), or clip '
             f'gradients with `clip_grad`')
 
-    def _log(self, epoch, update, step_values, window, running, meters, samples, lr) -> None:
+    def _log(self, epoch: int, update: int, step_values: Dict[str, torch.Tensor], window: RunningMeans,
+             running: RunningMeans, timing: 'StepTiming', lr: float) -> None:
+        """The log line of an update (rank 0): this step's loss, the epoch's so far, times, lr and the task's
+        statistics of the window since the last line; a loss that is no longer finite stops the run here."""
         now = RunningMeans(NAN_WHEN_UNUSED)
         now.add(step_values)
         latest, recent, total = now.means(self.world), window.means(self.world), running.means(self.world)
         self._check_finite(recent, epoch, f'updates up to {update}')
         if self.cfg.rank != 0:
             return
-        step_time, data_time = meters
+        step_time, data_time, samples = timing.step, timing.data, timing.samples
         line = (f'Train: {epoch} [{update:>4d}/{self.updates_per_epoch} '
                 f'({100. * (update + 1) / self.updates_per_epoch:>3.0f}%)]  '
                 f'Loss: {latest["loss"]:#.3g} ({total["loss"]:#.3g})  '
@@ -269,8 +280,8 @@ class Trainer:
             last_update = time.time()
             if at_log:
                 lrs = [g['lr'] for g in self.optimizer.param_groups]
-                self._log(epoch, update, {**values, **stats}, window, running, (step_time, data_time), samples,
-                          sum(lrs) / len(lrs))
+                self._log(epoch, update, {**values, **stats}, window, running,
+                          StepTiming(step_time, data_time, samples), sum(lrs) / len(lrs))
                 window = RunningMeans(NAN_WHEN_UNUSED)
                 if cfg.save_images and self.output_dir:
                     self._save_images(images, index)
