@@ -74,23 +74,29 @@ def image_mode(input_img_mode: Optional[str], data_config: Dict[str, Any]) -> st
     return input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
 
 
-def open_split(cfg: argparse.Namespace, split: str, training: bool, input_img_mode: str, **extra) -> Any:
-    """One split of the run's data set; SettingError naming the split setting when it cannot be read or is empty."""
-    setting = 'train_split' if training else 'val_split'
+def read_split(cfg: argparse.Namespace, name: str, root: Optional[str], split: str, setting: str, img_mode: str,
+               **options) -> Any:
+    """One split of a data set through carrot_zzz.data.create_dataset with the run's reader settings (and PIL's
+    pixel limit); SettingError naming `setting` when it cannot be read or, map-style, holds no samples. Shared by
+    train.py's splits and validate.py / inference.py's."""
     set_pixel_limit(cfg.max_image_pixels)
     try:
-        dataset = create_dataset(
-            cfg.dataset, root=cfg.data_dir, split=split, is_training=training, class_map=cfg.class_map,
-            download=cfg.dataset_download, batch_size=cfg.batch_size, input_img_mode=input_img_mode,
-            input_key=cfg.input_key, target_key=cfg.target_key, trust_remote_code=cfg.dataset_trust_remote_code,
-            **extra)
-    except (RuntimeError, FileNotFoundError, ValueError, AssertionError) as e:
-        raise SettingError(setting, split, f'cannot read this split of {cfg.dataset or "the image folder"} at '
-                                           f'{cfg.data_dir} ({first_line(e)}); '
-                                           f'check data_dir, dataset and {setting}') from e
+        dataset = create_dataset(name, root=root, split=split, download=cfg.dataset_download,
+                                 input_img_mode=img_mode, input_key=cfg.input_key, target_key=cfg.target_key,
+                                 trust_remote_code=cfg.dataset_trust_remote_code, **options)
+    except (RuntimeError, FileNotFoundError, ValueError, ImportError, AssertionError) as e:
+        raise SettingError(setting, split, f'cannot read this split of {name or "the image folder"} at {root} '
+                                           f'({first_line(e)}); check data_dir, dataset and {setting}') from e
     if not isinstance(dataset, IterableDataset) and len(dataset) == 0:
-        raise SettingError(setting, split, f'holds no samples at {cfg.data_dir}; check data_dir and {setting}')
+        raise SettingError(setting, split, f'holds no samples at {root}; check data_dir and {setting}')
     return dataset
+
+
+def open_split(cfg: argparse.Namespace, split: str, training: bool, input_img_mode: str, **extra) -> Any:
+    """One split of the training run's data set (read_split, named train_split or val_split)."""
+    return read_split(cfg, cfg.dataset, cfg.data_dir, split, 'train_split' if training else 'val_split',
+                      input_img_mode, is_training=training, class_map=cfg.class_map, batch_size=cfg.batch_size,
+                      **extra)
 
 
 def check_images(cfg: argparse.Namespace, dataset, split: str) -> List:

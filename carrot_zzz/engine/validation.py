@@ -23,10 +23,8 @@ from timm.layers import apply_test_time_pool
 from timm.utils import reparameterize_model
 from torch import nn
 
-from ..data import create_dataset
 from ..data.classes import dataset_class_names, label_map, names_or_indices, parse_class_names
 from ..data.holdout import Part, stratified_holdout
-from ..data.image_check import set_pixel_limit
 from ..embeddings import save_embeddings
 from ..reliability import plot_reliability, reliability_bins
 from ..retrieval import retrieval_metrics
@@ -35,6 +33,7 @@ from ..ood import OOD_SCORES
 from ..sampler import dataset_targets
 from ..registry import is_zzz_name, zzz_name
 from ..weights import CLASS_NAMES_KEY, describe_checkpoint, fit_state_dict, read_weights
+from .data import read_split
 from .errors import SettingError, first_line
 from .models import check_scriptable, merge_model_kwargs
 from .precision import Precision, input_channels
@@ -187,17 +186,9 @@ def prepare_model(cfg: argparse.Namespace, precision: Precision, model: nn.Modul
 
 
 def open_eval_split(cfg: argparse.Namespace, name: str, root: str, split: str, img_mode: str, class_map: str = ''):
-    """A split to validate on; SettingError naming data_dir / dataset / split when it cannot be read."""
-    set_pixel_limit(cfg.max_image_pixels)
-    try:
-        return create_dataset(name, root=root, split=split, download=cfg.dataset_download,
-                              load_bytes=cfg.tf_preprocessing, class_map=class_map, num_samples=cfg.num_samples,
-                              input_key=cfg.input_key, input_img_mode=img_mode, target_key=cfg.target_key,
-                              trust_remote_code=cfg.dataset_trust_remote_code, seed=cfg.seed)
-    except (FileNotFoundError, ValueError, ImportError, RuntimeError, AssertionError) as e:
-        raise SettingError('split', split, f'cannot read this split of {name or "the image folder"} at {root} '
-                                           f'({first_line(e)}); check data_dir, '
-                                           f'dataset and split') from e
+    """A split to validate or predict on (engine.data.read_split, named split)."""
+    return read_split(cfg, name, root, split, 'split', img_mode, load_bytes=cfg.tf_preprocessing, class_map=class_map,
+                      num_samples=cfg.num_samples, seed=cfg.seed)
 
 
 def validation_loader(cfg: argparse.Namespace, dataset, data_config: Dict[str, Any], crop_pct: float,
