@@ -193,7 +193,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         try:
             _logger.info(f'Results written to {write_table(rows, own, fmt, cfg.filename_col)}')
         except OSError as e:
-            fail(SCRIPT, f'--results-format {fmt}: cannot write {own}{EXTENSIONS[fmt]} ({first_line(e, 200)}); the '
+            reason = e.strerror or first_line(e, 200)
+            fail(SCRIPT, f'--results-format {fmt}: cannot write {own}{EXTENSIONS[fmt]} ({reason}); the '
                          f'predictions were printed above' + (' (--no-console-results: they are lost)'
                                                              if cfg.no_console_results else ''))
     failed = sum('error' in row for row in rows)

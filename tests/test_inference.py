@@ -179,3 +179,17 @@ def test_onnx_gives_the_same_table(folders, tmp_path, one_thread):
     bad.write_bytes(b'not a model')
     with pytest.raises(SystemExit, match=r'--onnx .*: cannot load it'):
         _infer(folders['seen'], ckpt, tmp_path, '--model', 'test_resnet', '--onnx', str(bad))
+
+
+def test_a_results_file_that_cannot_be_written_comes_after_the_printed_results(runs, folders, tmp_path, monkeypatch,
+                                                                               capsys):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(inference, 'write_table', disk_full)
+    with pytest.raises(SystemExit, match=r'--results-format csv: cannot write .*\.csv \(No space left on device\); '
+                                         r'the predictions were printed above'):
+        inference.main([folders['seen'], *COMMON, '--checkpoint', os.path.join(runs['zzz'], 'model_best.safetensors'),
+                        '--results-dir', str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert '--result' in printed and '"label": "class_' in printed
