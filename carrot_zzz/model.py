@@ -432,22 +432,7 @@ def create_zzz_model(
     num_classes = kwargs.pop('num_classes', None)
     if num_classes is None:
         num_classes = cfg.num_classes if cfg.num_classes is not None and cfg.num_classes >= 0 else 1000
-    try:
-        backbone = timm.create_model(
-            arch,
-            pretrained=pretrained and not whole,
-            pretrained_cfg=base_cfg,
-            cache_dir=cache_dir,
-            pretrained_model_args=source_args or None,
-            num_classes=0,
-            **kwargs,
-        )
-    except OSError:  # a missing weight file or an unreachable hub: not the architecture's fault
-        raise
-    except Exception as e:
-        raise RuntimeError(
-            f"{name}: building the base timm.create_model('{arch}', num_classes=0, ...) failed: "
-            f"{type(e).__name__}: {e}") from e
+    backbone = _build_backbone(arch, name, pretrained and not whole, base_cfg, cache_dir, source_args, kwargs)
     try:
         model = ZZZModel(backbone, num_classes, **head_kwargs)
     except TypeError as e:
@@ -456,16 +441,30 @@ def create_zzz_model(
     model._model_args = dict(head_type=model.head_type) if model.head_type != 'zzz' else dict(
         head_type='zzz', zzz_rank=model.zzz_rank, zzz_v_min=model.zzz_v_min, zzz_sigma2_min=model.zzz_sigma2_min)
     if whole:
-        load_cfg = dict(model.pretrained_cfg, **{k: v for k, v in base_cfg.items() if k in ('state_dict',)})
-        load_cfg['classifier'] = None  # the head is handled by fit_state_dict, not dropped by name
-        load_pretrained(
-            model,
-            pretrained_cfg=load_cfg,
-            num_classes=model.num_classes,
-            in_chans=kwargs.get('in_chans', 3),
-            filter_fn=lambda sd, m: _fit_whole_model(sd, m, arch, name),
-            strict=True,
-            cache_dir=cache_dir,
-        )
+        _load_whole_model(model, arch, name, base_cfg, kwargs.get('in_chans', 3), cache_dir)
     getattr(backbone, 'pretrained_cfg', {}).pop('state_dict', None)  # do not keep an in-memory source alive
     return model
+
+
+def _build_backbone(arch: str, name: str, pretrained: bool, base_cfg: Dict[str, Any], cache_dir, source_args,
+                    kwargs: Dict[str, Any]) -> nn.Module:
+    """timm.create_model(arch, num_classes=0, ...) with the base's weights when pretrained; a RuntimeError naming
+    `name` for any failure but a missing file or hub (OSError, raised as it is)."""
+    try:
+        return timm.create_model(arch, pretrained=pretrained, pretrained_cfg=base_cfg, cache_dir=cache_dir,
+                                 pretrained_model_args=source_args or None, num_classes=0, **kwargs)
+    except OSError:  # a missing weight file or an unreachable hub: not the architecture's fault
+        raise
+    except Exception as e:
+        raise RuntimeError(
+            f"{name}: building the base timm.create_model('{arch}', num_classes=0, ...) failed: "
+            f"{type(e).__name__}: {e}") from e
+
+
+def _load_whole_model(model: nn.Module, arch: str, name: str, base_cfg: Dict[str, Any], in_chans: int,
+                      cache_dir) -> None:
+    """A whole saved `_zzz` model into the wrapper through timm's load_pretrained (see create_zzz_model)."""
+    load_cfg = dict(model.pretrained_cfg, **{k: v for k, v in base_cfg.items() if k in ('state_dict',)})
+    load_cfg['classifier'] = None  # the head is handled by fit_state_dict, not dropped by name
+    load_pretrained(model, pretrained_cfg=load_cfg, num_classes=model.num_classes, in_chans=in_chans,
+                    filter_fn=lambda sd, m: _fit_whole_model(sd, m, arch, name), strict=True, cache_dir=cache_dir)
