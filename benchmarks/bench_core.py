@@ -356,7 +356,7 @@ def get(result, key):
     return result.get(key)
 
 
-def main():
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cpu', help='cpu or cuda (cuda:N)')
     parser.add_argument('--only', choices=('zzz', 'carrot'), help='run one of the two benchmarks')
@@ -375,67 +375,52 @@ def main():
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--timeout', type=float, default=600.0, help='seconds per worker process')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
 
-    if args.worker is not None:
-        print(json.dumps(worker(json.loads(args.worker))), flush=True)
-        return
 
-    import torch
-    import carrot_zzz
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        parser.error('--device cuda: CUDA is not available')
-    if args.quick:
-        args.iters, args.warmup, args.max_seconds = min(args.iters, 3), 1, 1.0
-    zzz_configs = ZZZ_QUICK if args.quick else ZZZ_CONFIGS
-    carrot_configs = CARROT_QUICK if args.quick else CARROT_CONFIGS
-    def literal_limit_gb():   # read again before every literal run: the machine may be shared
-        return args.skip_literal_over if args.skip_literal_over is not None else 0.8 * available_gb(args.device)
+def _literal_limit_gb(args) -> float:
+    """Read again before every literal run: the machine may be shared."""
+    return args.skip_literal_over if args.skip_literal_over is not None else 0.8 * available_gb(args.device)
 
-    if args.device.startswith('cuda'):
-        dev_name = torch.cuda.get_device_name(torch.device(args.device))
-    else:
-        dev_name = f'CPU, {os.cpu_count()} logical cores'
-    print(f'# bench_core: torch {torch.__version__}, carrot_zzz {carrot_zzz.__version__}, device {args.device} '
-          f'({dev_name}), torch threads {args.threads or torch.get_num_threads()}', flush=True)
-    print(f'# forward + backward, median of up to {args.iters} calls after {args.warmup} warm-up, one process '
-          f'per method; literal head skipped over ' + (f'{args.skip_literal_over:.1f} GB' if args.skip_literal_over
-          is not None else f'80% of the memory available (now {literal_limit_gb():.1f} GB)'), flush=True)
 
-    common = dict(device=args.device, iters=args.iters, warmup=args.warmup, max_seconds=args.max_seconds,
-                  seed=args.seed, threads=args.threads)
+def _run(args, kind, cfg, method, **extra):
+    """One configuration and method in its own worker process; its result dict (with 'error' on failure)."""
+    task = dict(device=args.device, iters=args.iters, warmup=args.warmup, max_seconds=args.max_seconds,
+                seed=args.seed, threads=args.threads, kind=kind, config=cfg, method=method, **extra)
+    res = run_worker(task, args.timeout)
+    msg = res.get('error') or f"{res['time_ms']:.2f} ms, {res['peak_mb']:.1f} MB ({res['iters']} calls)"
+    print(f'#   {kind} {cfg} {method}: {msg}', file=sys.stderr, flush=True)
+    return res
+
+
+def _measure(args, zzz_configs, carrot_configs):
+    """[(kind, config, label, {method: result})] of every configuration the flags ask for."""
     rows = []
-    t_start = time.perf_counter()
-
-    def run(kind, cfg, method, **extra):
-        task = dict(common, kind=kind, config=cfg, method=method, **extra)
-        res = run_worker(task, args.timeout)
-        msg = res.get('error') or f"{res['time_ms']:.2f} ms, {res['peak_mb']:.1f} MB ({res['iters']} calls)"
-        print(f'#   {kind} {cfg} {method}: {msg}', file=sys.stderr, flush=True)
-        return res
-
     if args.only in (None, 'zzz'):
         for cfg in zzz_configs:
             B, C, d, r = cfg
-            res = {'ours': run('zzz', cfg, 'ours')}
+            res = {'ours': _run(args, 'zzz', cfg, 'ours')}
             need_gb = LITERAL_BYTES_PER_ELEMENT * B * C * d / 2 ** 30
-            skip_over = literal_limit_gb()
+            skip_over = _literal_limit_gb(args)
             if need_gb > skip_over:
                 res['literal'] = {'error': f'skipped: needs ~{need_gb:.1f} GB'}
                 print(f'#   zzz {cfg} literal: skipped, needs ~{need_gb:.1f} GB > {skip_over:.1f} GB',
                       file=sys.stderr, flush=True)
             else:
-                res['literal'] = run('zzz', cfg, 'literal')
-            res['linear'] = run('zzz', cfg, 'linear')
+                res['literal'] = _run(args, 'zzz', cfg, 'literal')
+            res['linear'] = _run(args, 'zzz', cfg, 'linear')
             rows.append(('zzz', cfg, zzz_label(cfg), res))
     if args.only in (None, 'carrot'):
         for cfg in carrot_configs:
             static = args.carrot_static and cfg[2][0] == 'pk'
-            res = {'ours': run('carrot', cfg, 'ours', static_bounds=static),
-                   'literal': run('carrot', cfg, 'literal', static_bounds=static)}
+            res = {'ours': _run(args, 'carrot', cfg, 'ours', static_bounds=static),
+                   'literal': _run(args, 'carrot', cfg, 'literal', static_bounds=static)}
             rows.append(('carrot', cfg, carrot_label(cfg, static), res))
+    return rows
 
-    threads = {r.get('threads') for _, _, _, res in rows for r in res.values() if 'threads' in r}
+
+def _print_table(rows):
+    """The Markdown table of README; returns {(kind, config): {speed, vs_linear, mem}} for the targets."""
     print()
     print('| config | ms ours | ms literal | ms linear | literal / ours | ours / linear | MB ours | MB literal '
           '| MB linear | MB literal / ours | max abs diff |')
@@ -454,50 +439,80 @@ def main():
               f"| {fmt(speed)}x | {fmt(vs_linear)}{'x' if vs_linear is not None else ''} "
               f"| {fmt(m['ours'])} | {fmt(m['literal'])} | {fmt(m.get('linear'))} "
               f"| {fmt(mem)}{'x' if mem is not None else ''} | {fmt_diff(get(res['literal'], 'check'))} |")
+    return measured
+
+
+def _verdict(name, values, target, higher=True):
+    """values: [(where, ratio)]; PASS when every ratio meets the target."""
+    if not values:
+        return
+    missing = [w for w, v in values if v is None]
+    if missing:
+        print(f'- {name}: NOT MEASURED at {", ".join(missing)}')
+        return
+    worst_where, worst = (min if higher else max)(values, key=lambda wv: wv[1])
+    ok = worst >= target if higher else worst <= target
+    detail = ', '.join(f'{v:.1f}x' for _, v in values) if len(values) > 1 else f'{worst:.1f}x'
+    print(f'- {name}: {"PASS" if ok else "FAIL"} ({detail}; worst {worst:.1f}x at {worst_where})')
+
+
+def _print_targets(args, measured):
+    def look(kind, cfg, key):
+        return measured.get((kind, tuple(map(str, cfg))), {}).get(key)
+
+    print(f'\ntargets (set for the 2-core CPU; this run: {args.device}):')
+    if args.only in (None, 'zzz'):
+        zs = [(f'({B}, {C}, {d}, {r})', look('zzz', (B, C, d, r), 'speed')) for B, C, d, r in ZZZ_CONFIGS]
+        _verdict('ZZZ >= 5x faster than the literal form at every shape', zs, 5)
+        big = (256, 1000, 2048, 8)
+        _verdict('ZZZ >= 20x faster than the literal form at (256, 1000, 2048, 8)',
+                 [('(256, 1000, 2048, 8)', look('zzz', big, 'speed'))], 20)
+        zm = [(f'({B}, {C}, {d}, {r})', look('zzz', (B, C, d, r), 'mem')) for B, C, d, r in ZZZ_CONFIGS]
+        _verdict('ZZZ >= 8x less peak memory than the literal form at every shape', zm, 8)
+        _verdict('ZZZ within 20x of nn.Linear at (256, 1000, 2048, 8) (ours / linear <= 20x)',
+                 [('(256, 1000, 2048, 8)', look('zzz', big, 'vs_linear'))], 20, higher=False)
+    if args.only in (None, 'carrot'):
+        _verdict('CARROT >= 2x faster than the per-class loop at (64, 768) 16 x 4',
+                 [('16 x 4', look('carrot', CARROT_CONFIGS[0], 'speed'))], 2)
+        _verdict('CARROT >= 7x faster than the per-class loop at (1024, 768) 256 x 4',
+                 [('256 x 4', look('carrot', CARROT_CONFIGS[3], 'speed'))], 7)
+
+
+def main():
+    parser = _parser()
+    args = parser.parse_args()
+    if args.worker is not None:
+        print(json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+    import torch
+    import carrot_zzz
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        parser.error('--device cuda: CUDA is not available')
+    if args.quick:
+        args.iters, args.warmup, args.max_seconds = min(args.iters, 3), 1, 1.0
+    if args.device.startswith('cuda'):
+        dev_name = torch.cuda.get_device_name(torch.device(args.device))
+    else:
+        dev_name = f'CPU, {os.cpu_count()} logical cores'
+    print(f'# bench_core: torch {torch.__version__}, carrot_zzz {carrot_zzz.__version__}, device {args.device} '
+          f'({dev_name}), torch threads {args.threads or torch.get_num_threads()}', flush=True)
+    print(f'# forward + backward, median of up to {args.iters} calls after {args.warmup} warm-up, one process '
+          f'per method; literal head skipped over ' + (f'{args.skip_literal_over:.1f} GB' if args.skip_literal_over
+          is not None else f'80% of the memory available (now {_literal_limit_gb(args):.1f} GB)'), flush=True)
+    t_start = time.perf_counter()
+    rows = _measure(args, ZZZ_QUICK if args.quick else ZZZ_CONFIGS, CARROT_QUICK if args.quick else CARROT_CONFIGS)
+    threads = {r.get('threads') for _, _, _, res in rows for r in res.values() if 'threads' in r}
+    measured = _print_table(rows)
     print()
     print(f'torch threads: {", ".join(map(str, sorted(threads))) or "?"}; peak MB: growth of the peak '
           f'{"CUDA allocation" if args.device.startswith("cuda") else "resident set (freed blocks returned)"} '
           f'during forward + backward, '
           f'gradients included; max abs diff: logits (ZZZ) or R (CARROT) against the literal form; '
           f'total {time.perf_counter() - t_start:.0f} s')
-
     if args.quick:
         print('\ntargets: not evaluated in a --quick run')
         return
-
-    def look(kind, cfg, key):
-        return measured.get((kind, tuple(map(str, cfg))), {}).get(key)
-
-    def verdict(name, values, target, higher=True):
-        """values: [(where, ratio)]; PASS when every ratio meets the target."""
-        values = [(w, v) for w, v in values]
-        if not values:
-            return
-        missing = [w for w, v in values if v is None]
-        if missing:
-            print(f'- {name}: NOT MEASURED at {", ".join(missing)}')
-            return
-        worst_where, worst = (min if higher else max)(values, key=lambda wv: wv[1])
-        ok = worst >= target if higher else worst <= target
-        detail = ', '.join(f'{v:.1f}x' for _, v in values) if len(values) > 1 else f'{worst:.1f}x'
-        print(f'- {name}: {"PASS" if ok else "FAIL"} ({detail}; worst {worst:.1f}x at {worst_where})')
-
-    print(f'\ntargets (set for the 2-core CPU; this run: {args.device}):')
-    if args.only in (None, 'zzz'):
-        zs = [(f'({B}, {C}, {d}, {r})', look('zzz', (B, C, d, r), 'speed')) for B, C, d, r in ZZZ_CONFIGS]
-        verdict('ZZZ >= 5x faster than the literal form at every shape', zs, 5)
-        big = (256, 1000, 2048, 8)
-        verdict('ZZZ >= 20x faster than the literal form at (256, 1000, 2048, 8)',
-                [('(256, 1000, 2048, 8)', look('zzz', big, 'speed'))], 20)
-        zm = [(f'({B}, {C}, {d}, {r})', look('zzz', (B, C, d, r), 'mem')) for B, C, d, r in ZZZ_CONFIGS]
-        verdict('ZZZ >= 8x less peak memory than the literal form at every shape', zm, 8)
-        verdict('ZZZ within 20x of nn.Linear at (256, 1000, 2048, 8) (ours / linear <= 20x)',
-                [('(256, 1000, 2048, 8)', look('zzz', big, 'vs_linear'))], 20, higher=False)
-    if args.only in (None, 'carrot'):
-        verdict('CARROT >= 2x faster than the per-class loop at (64, 768) 16 x 4',
-                [('16 x 4', look('carrot', CARROT_CONFIGS[0], 'speed'))], 2)
-        verdict('CARROT >= 7x faster than the per-class loop at (1024, 768) 256 x 4',
-                [('256 x 4', look('carrot', CARROT_CONFIGS[3], 'speed'))], 7)
+    _print_targets(args, measured)
 
 
 if __name__ == '__main__':
