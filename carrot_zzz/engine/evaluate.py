@@ -63,6 +63,7 @@ def predict(
         model: nn.Module,
         loader,
         precision: Precision,
+        *,
         channels_last: bool = False,
         class_subset: Optional[Sequence[int]] = None,
         scorer: Optional[Callable] = None,
