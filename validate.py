@@ -216,16 +216,7 @@ def _sklearn_metrics(cfg, scores) -> dict:
 
 def validate(cfg: argparse.Namespace) -> OrderedDict:
     """Validate one model (one checkpoint); returns its results."""
-    cfg.pretrained = cfg.pretrained or not cfg.checkpoint
-    cfg.prefetcher = not cfg.no_prefetcher
-    fast_cuda_math()
-    precision = resolve_precision(cfg.device, cfg.amp, cfg.amp_dtype, cfg.model_dtype)
-    _logger.info(f'Validating with {precision.describe()}.')
-    random_seed(cfg.seed)
-    if cfg.fuser:
-        set_jit_fuser(cfg.fuser)
-    if cfg.fast_norm:
-        set_fast_norm()
+    precision = _start(cfg)
     state_dict, meta = read_checkpoint(cfg.checkpoint, cfg.use_ema) if cfg.checkpoint else (None, {})
     raw = create_validation_model(cfg, state_dict)
     names = checkpoint_class_names(cfg, meta, raw.num_classes) if state_dict is not None else None
@@ -239,12 +230,7 @@ def validate(cfg: argparse.Namespace) -> OrderedDict:
     dataset = match_classes(open_eval_split(cfg, cfg.dataset, root, cfg.split, img_mode, cfg.class_map), names,
                             cfg.split)
     subset = [int(line) for line in open(cfg.valid_labels)] if cfg.valid_labels else None
-    real = None
-    if cfg.real_labels:
-        if not hasattr(dataset, 'filenames'):
-            fail(SCRIPT, f'--real-labels needs a data set that lists its file names (ImageNet validation as an '
-                         f'image folder); {cfg.dataset or "this data set"} does not: remove --real-labels')
-        real = RealLabelsImagenet(dataset.filenames(basename=True), real_json=cfg.real_labels)
+    real = _real_labels(cfg, dataset) if cfg.real_labels else None
     score = _scoring(cfg, model, head, subset)
     loader = partial(validation_loader, cfg, data_config=data_config, crop_pct=crop_pct, precision=precision,
                      model=raw)
@@ -278,6 +264,30 @@ def validate(cfg: argparse.Namespace) -> OrderedDict:
     _late_write(cfg, '--per-class-csv', cfg.per_class_csv,
                 lambda: write_rows(cfg.per_class_csv, per_class_rows(scores, columns)))
     return results
+
+
+def _start(cfg: argparse.Namespace):
+    """The run's settings that need nothing built (pretrained without a checkpoint, prefetcher, CUDA math, seed,
+    fuser, fast norm); returns its Precision."""
+    cfg.pretrained = cfg.pretrained or not cfg.checkpoint
+    cfg.prefetcher = not cfg.no_prefetcher
+    fast_cuda_math()
+    precision = resolve_precision(cfg.device, cfg.amp, cfg.amp_dtype, cfg.model_dtype)
+    _logger.info(f'Validating with {precision.describe()}.')
+    random_seed(cfg.seed)
+    if cfg.fuser:
+        set_jit_fuser(cfg.fuser)
+    if cfg.fast_norm:
+        set_fast_norm()
+    return precision
+
+
+def _real_labels(cfg: argparse.Namespace, dataset):
+    """timm's ImageNet "real" labels for the split's files; one line when the data set lists no files."""
+    if not hasattr(dataset, 'filenames'):
+        fail(SCRIPT, f'--real-labels needs a data set that lists its file names (ImageNet validation as an '
+                     f'image folder); {cfg.dataset or "this data set"} does not: remove --real-labels')
+    return RealLabelsImagenet(dataset.filenames(basename=True), real_json=cfg.real_labels)
 
 
 def _late_write(cfg: argparse.Namespace, flag: str, path: str, write) -> None:
