@@ -519,3 +519,77 @@ def test_a_second_signal_stops_at_once(data_dir, tmp_path):
     p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert p.returncode == -signal.SIGTERM, p.stderr[-2000:]
     assert not [f for f in os.listdir(tmp_path / 'twice') if f.startswith('recovery')]
+
+
+def test_a_lost_rank_is_one_line_on_the_others(tmp_path, image_folder):
+    """torchrun, 2 processes, rank 1 killed (SIGKILL) in its 3rd update: rank 0's collective fails; it stops with one
+    line naming the lost rank and --resume auto, no traceback of its own (torchrun's report follows)."""
+    from test_train import BASE as DDP_BASE
+    data = image_folder(tmp_path / 'data')
+    wrapper = tmp_path / 'run_train.py'
+    wrapper.write_text(textwrap.dedent(f'''
+        import os, signal, sys
+        sys.path[:0] = [{ROOT!r}]
+        import train
+        from carrot_zzz.engine.loop import Trainer
+        real = Trainer._after_update
+        def die(self, updates_done):
+            real(self, updates_done)
+            if updates_done == 3 and os.environ.get('RANK') == '1':
+                os.kill(os.getpid(), signal.SIGKILL)
+        Trainer._after_update = die
+        train.main()
+    '''))
+    argv = [data, *DDP_BASE, '--model', 'test_resnet', '--batch-size', '8', '--epochs', '2', '--output', str(tmp_path),
+            '--experiment', 'lost', '--head', 'zzz', '--zzz-rank', '2', '--carrot', '--sampler', 'pk',
+            '--samples-per-class', '4', '--log-interval', '1']
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+         str(wrapper), *argv], capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'),
+        cwd=str(tmp_path))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert ('train.py: error: rank 1 of 2 was lost (process 0 saw its connection close); this process stops too. '
+            'The checkpoints written so far are kept: start the run again with --resume auto') in out, out[-3000:]
+    assert '[rank0]: Traceback' not in out and '[rank0]:' not in out
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_the_same_update(tmp_path, image_folder):
+    """SIGTERM reaching rank 1 alone (in its 2nd update): at the next log line both ranks agree and stop at that
+    update, rank 0 writes the recovery checkpoint of it, both say so in one line; --resume auto continues there."""
+    from test_train import BASE as DDP_BASE
+    data = image_folder(tmp_path / 'data')
+    wrapper = tmp_path / 'run_train.py'
+    wrapper.write_text(textwrap.dedent(f'''
+        import os, signal, sys
+        sys.path[:0] = [{ROOT!r}]
+        import train
+        from carrot_zzz.engine.loop import Trainer
+        real = Trainer._after_update
+        def term(self, updates_done):
+            real(self, updates_done)
+            if updates_done == 2 and os.environ.get('RANK') == '1' and os.environ.get('SEND_TERM'):
+                os.kill(os.getpid(), signal.SIGTERM)
+        Trainer._after_update = term
+        train.main()
+    '''))
+    argv = [data, *DDP_BASE, '--model', 'test_resnet', '--batch-size', '8', '--epochs', '2', '--output', str(tmp_path),
+            '--experiment', 'term', '--head', 'zzz', '--zzz-rank', '2', '--carrot', '--sampler', 'pk',
+            '--samples-per-class', '4', '--log-interval', '2']
+    launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+              str(wrapper), *argv]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=dict(env, SEND_TERM='1'),
+                          cwd=str(tmp_path))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    # update 1 (updates_done 2) is not a log line at --log-interval 2: the ranks agree at update 2
+    assert 'train.py: error: stopped by SIGTERM at epoch 0, update 2: rank 0 saved the state' in out, out[-3000:]
+    assert ('train.py: error: stopped by a signal to another process at epoch 0, update 2: the state of update 2 of '
+            'epoch 0 is in ') in out
+    assert os.path.exists(tmp_path / 'term' / 'recovery-0-2.pth.tar')
+    proc = subprocess.run(launch + ['--resume', 'auto'], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    with open(tmp_path / 'term' / 'summary.csv') as f:
+        assert [row['epoch'] for row in csv.DictReader(f)] == ['0', '1']
