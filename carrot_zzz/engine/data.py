@@ -184,7 +184,7 @@ def _with_pk_batches(loader: Any, cfg: argparse.Namespace, targets: Optional[Lis
 
 
 def _loader_basics(cfg: argparse.Namespace, data_config: Dict[str, Any], precision: Precision) -> Dict[str, Any]:
-    """create_loader arguments both loaders share."""
+    """create_loader arguments of the training loader beside its augmentation."""
     return dict(input_size=data_config['input_size'], mean=data_config['mean'], std=data_config['std'],
                 pin_memory=cfg.pin_mem, img_dtype=precision.input_dtype, device=precision.device,
                 distributed=cfg.distributed, use_prefetcher=cfg.prefetcher)
@@ -202,14 +202,28 @@ def _train_loader(cfg, dataset, data_config, precision, collate_fn, aug_splits) 
     return loader
 
 
+def evaluation_loader(dataset, data_config: Dict[str, Any], precision: Precision, *, batch_size: int, workers: int,
+                      prefetcher: bool, pin_memory: bool, distributed: bool = False, crop_pct: Optional[float] = None,
+                      crop_border_pixels: Optional[int] = None, tf_preprocessing: bool = False) -> Any:
+    """timm's evaluation loader over `dataset`: no augmentation, the data config's resize, crop (crop_pct overrides
+    its fraction) and normalisation. The one loader of train.py's per-epoch evaluation, validate.py and inference.py."""
+    return create_loader(dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
+                         use_prefetcher=prefetcher, interpolation=data_config['interpolation'],
+                         mean=data_config['mean'], std=data_config['std'], num_workers=workers,
+                         crop_pct=crop_pct or data_config['crop_pct'], crop_mode=data_config['crop_mode'],
+                         crop_border_pixels=crop_border_pixels, tf_preprocessing=tf_preprocessing,
+                         pin_memory=pin_memory, device=precision.device, img_dtype=precision.input_dtype,
+                         distributed=distributed)
+
+
 def eval_loader(cfg, dataset, data_config, precision) -> Any:
-    """timm's evaluation loader (no augmentation, centre crop) over `dataset`."""
+    """The training run's evaluation loader (evaluation_loader with train.py's batch, workers and processes)."""
     workers = cfg.workers
     if cfg.distributed and any(kind in cfg.dataset for kind in ('tfds', 'wds')):
         workers = min(2, workers)          # streaming readers split their shards over fewer workers
-    return create_loader(dataset, batch_size=cfg.validation_batch_size or cfg.batch_size, is_training=False,
-                         interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
-                         num_workers=workers, **_loader_basics(cfg, data_config, precision))
+    return evaluation_loader(dataset, data_config, precision, batch_size=cfg.validation_batch_size or cfg.batch_size,
+                             workers=workers, prefetcher=cfg.prefetcher, pin_memory=cfg.pin_mem,
+                             distributed=cfg.distributed)
 
 
 def _mixup(cfg: argparse.Namespace, aug_splits: int):

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 import torch
-from timm.data import create_loader, resolve_data_config
+from timm.data import resolve_data_config
 from timm.layers import apply_test_time_pool
 from timm.utils import reparameterize_model
 from torch import nn
@@ -33,7 +33,7 @@ from ..ood import OOD_SCORES
 from ..sampler import dataset_targets
 from ..registry import is_zzz_name, zzz_name
 from ..weights import CLASS_NAMES_KEY, describe_checkpoint, fit_state_dict, read_weights
-from .data import read_split
+from .data import evaluation_loader, read_split
 from .errors import SettingError, first_line
 from .models import check_scriptable, merge_model_kwargs
 from .precision import Precision, input_channels
@@ -193,17 +193,20 @@ def open_eval_split(cfg: argparse.Namespace, name: str, root: str, split: str, i
 
 def validation_loader(cfg: argparse.Namespace, dataset, data_config: Dict[str, Any], crop_pct: float,
                       precision: Precision, model: nn.Module):
-    """timm's evaluation loader (or its NaFlex loader) for the split."""
-    common = dict(batch_size=cfg.batch_size, use_prefetcher=cfg.prefetcher, interpolation=data_config['interpolation'],
-                  mean=data_config['mean'], std=data_config['std'], num_workers=cfg.workers, crop_pct=crop_pct,
-                  crop_mode=data_config['crop_mode'], crop_border_pixels=cfg.crop_border_pixels,
-                  pin_memory=cfg.pin_mem, device=precision.device, img_dtype=precision.input_dtype)
+    """The split's loader: engine.data.evaluation_loader with validate.py's / inference.py's settings, or timm's
+    NaFlex loader (--naflex-loader)."""
     if cfg.naflex_loader:
         from timm.data import create_naflex_loader
         patch = getattr(getattr(model, 'embeds', None), 'patch_size', None) or (16, 16)
-        return create_naflex_loader(dataset, patch_size=patch, max_seq_len=cfg.naflex_max_seq_len, **common)
-    return create_loader(dataset, input_size=data_config['input_size'], tf_preprocessing=cfg.tf_preprocessing,
-                         **common)
+        return create_naflex_loader(
+            dataset, patch_size=patch, max_seq_len=cfg.naflex_max_seq_len, batch_size=cfg.batch_size,
+            use_prefetcher=cfg.prefetcher, interpolation=data_config['interpolation'], mean=data_config['mean'],
+            std=data_config['std'], num_workers=cfg.workers, crop_pct=crop_pct, crop_mode=data_config['crop_mode'],
+            crop_border_pixels=cfg.crop_border_pixels, pin_memory=cfg.pin_mem, device=precision.device,
+            img_dtype=precision.input_dtype)
+    return evaluation_loader(dataset, data_config, precision, batch_size=cfg.batch_size, workers=cfg.workers,
+                             prefetcher=cfg.prefetcher, pin_memory=cfg.pin_mem, crop_pct=crop_pct,
+                             crop_border_pixels=cfg.crop_border_pixels, tf_preprocessing=cfg.tf_preprocessing)
 
 
 def class_names(model_names: Optional[List[str]], dataset, num_classes: int) -> List[str]:
