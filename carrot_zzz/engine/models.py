@@ -18,7 +18,7 @@ from ..registry import base_name, is_zzz_name, zzz_name
 from .errors import SettingError, first_line
 from .precision import input_channels
 
-__all__ = ['model_name_and_head', 'merge_model_kwargs', 'create_training_model', 'check_scriptable',
+__all__ = ['model_name_and_head', 'merge_model_kwargs', 'create_training_model', 'build_timm_model', 'check_scriptable',
            'HEAD_SETTINGS', 'CHECKPOINT_ERRORS']
 
 HEAD_SETTINGS = ('zzz_rank', 'zzz_v_min', 'zzz_sigma2_min')   # the ZZZ head's create_model kwargs
@@ -70,6 +70,21 @@ def _creation_error(name: str, error: Exception) -> SettingError:
     return SettingError('model', name, f'cannot create it ({text}); check model_kwargs and the model options')
 
 
+def build_timm_model(cfg: argparse.Namespace, name: str, pretrained: bool, **kwargs) -> nn.Module:
+    """timm.create_model(name) with the run's input channels, global pooling and scriptability (train.py,
+    validate.py, inference.py); SettingError naming model (or zzz_rank) when it fails. A failure to load the
+    pretrained weights says how to do without them."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, in_chans=input_channels(cfg.in_chans, cfg.input_size),
+                                 global_pool=cfg.gp, scriptable=cfg.torchscript, **kwargs)
+    except (TypeError, *CHECKPOINT_ERRORS) as e:
+        error = _creation_error(name, e)
+        if pretrained and isinstance(e, OSError) and error.setting == 'model':
+            error = SettingError('model', name, f'cannot load its pretrained weights ({first_line(e, 200)}); '
+                                                f'pass checkpoint=PATH (or pretrained_path=FILE) with local weights')
+        raise error from e
+
+
 def _apply_head_init(model: nn.Module, scale, bias) -> None:
     """timm's --head-init-scale / --head-init-bias on a linear classifier (weight and bias scaled, bias set);
     check_training_settings refuses them for a ZZZ head."""
@@ -89,17 +104,17 @@ def create_training_model(cfg: argparse.Namespace) -> nn.Module:
     if cfg.pretrained_path:
         kwargs['pretrained_cfg_overlay'] = dict(file=cfg.pretrained_path, num_classes=-1)
     try:
-        model = timm.create_model(
-            name, pretrained=cfg.pretrained, in_chans=input_channels(cfg.in_chans, cfg.input_size),
-            num_classes=cfg.num_classes, drop_rate=cfg.drop, drop_path_rate=cfg.drop_path,
-            drop_block_rate=cfg.drop_block, global_pool=cfg.gp, bn_momentum=cfg.bn_momentum, bn_eps=cfg.bn_eps,
-            scriptable=cfg.torchscript, **kwargs)
-    except (TypeError, *CHECKPOINT_ERRORS) as e:
-        if cfg.pretrained and cfg.pretrained_path and isinstance(e, CHECKPOINT_ERRORS) and 'Unknown model' not in str(e):
+        model = build_timm_model(cfg, name, cfg.pretrained, num_classes=cfg.num_classes, drop_rate=cfg.drop,
+                                 drop_path_rate=cfg.drop_path, drop_block_rate=cfg.drop_block,
+                                 bn_momentum=cfg.bn_momentum, bn_eps=cfg.bn_eps, **kwargs)
+    except SettingError as e:
+        cause = e.__cause__
+        if cfg.pretrained and cfg.pretrained_path and isinstance(cause, CHECKPOINT_ERRORS) and \
+                'Unknown model' not in str(cause):
             raise SettingError('pretrained_path', cfg.pretrained_path,
-                               f'cannot load it as the weights of {name} ({first_line(e, 200)}); pass an intact '
-                               f'checkpoint of this architecture') from e
-        raise _creation_error(name, e) from e
+                               f'cannot load it as the weights of {name} ({first_line(cause, 200)}); pass an intact '
+                               f'checkpoint of this architecture') from cause
+        raise
     if cfg.initial_checkpoint:
         try:
             timm.models.load_checkpoint(model, cfg.initial_checkpoint)

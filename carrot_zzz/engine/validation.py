@@ -35,8 +35,8 @@ from ..registry import is_zzz_name, zzz_name
 from ..weights import CLASS_NAMES_KEY, describe_checkpoint, fit_state_dict, read_weights
 from .data import evaluation_loader, read_split
 from .errors import SettingError, first_line
-from .models import check_scriptable, merge_model_kwargs
-from .precision import Precision, input_channels
+from .models import build_timm_model, check_scriptable, merge_model_kwargs
+from .precision import Precision
 
 __all__ = ['read_checkpoint', 'model_spec', 'create_validation_model', 'open_eval_split', 'validation_loader',
            'prepare_model', 'class_names', 'checkpoint_class_names', 'match_classes', 'holdout_part', 'report', 'retrieval_fields', 'write_extras', 'per_class_rows', 'write_rows',
@@ -142,15 +142,7 @@ def create_validation_model(cfg: argparse.Namespace, state_dict: Optional[Dict[s
         raise SettingError('model', name, 'timm has no such model; pass a timm architecture (timm.list_models()) '
                                           'or its _zzz variant')
     check_scriptable(cfg.torchscript, is_zzz_name(name))
-    pretrained = cfg.pretrained and state_dict is None
-    try:
-        model = timm.create_model(name, pretrained=pretrained, in_chans=input_channels(cfg.in_chans, cfg.input_size),
-                                  global_pool=cfg.gp, scriptable=cfg.torchscript, **kwargs)
-    except (OSError, RuntimeError, TypeError, ValueError) as e:
-        why = first_line(e, 200)
-        fix = 'pass checkpoint=PATH to validate trained weights' if pretrained else 'check model_kwargs and the ' \
-                                                                                    'model options'
-        raise SettingError('model', name, f'cannot create it ({why}); {fix}') from e
+    model = build_timm_model(cfg, name, cfg.pretrained and state_dict is None, **kwargs)
     if state_dict is not None:
         try:
             model.load_state_dict(fit_state_dict(state_dict, model, what=cfg.checkpoint), strict=True)
