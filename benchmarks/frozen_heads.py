@@ -4,7 +4,7 @@ starts (carrot_zzz.zzz_fit, carrot_zzz.linear_probe), with and without the same 
 
 Setup (the data of docs/results.md):
 - Data: Fashion-MNIST without class 8 "Bag", 600 train / 200 test images per class (5400 / 1800), written by
-  `python -m carrot_zzz.data.fashion_mnist FM output/data/fmnist9 --train-per-class 600 --test-per-class 200
+  `python -m carrot_zzz.data.make_fashion_mnist_subset FM output/data/fmnist9 --train-per-class 600 --test-per-class 200
   --classes 0 1 2 3 4 5 6 7 9`. Labels keep their values 0-9: every head has 10 outputs, one never trained.
 - Backbone: timm `mobilenetv2_100` with torchvision's ImageNet weights (benchmarks/convert_mobilenetv2.py),
   num_classes=0, eval mode. Images grey -> RGB, timm's evaluation transform for the model at input size

@@ -10,7 +10,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from carrot_zzz.data import create_dataset
-from carrot_zzz.data import fashion_mnist, fashion_mnist_reader
+from carrot_zzz.data import fashion_mnist, make_fashion_mnist_subset
 from carrot_zzz.data.to_imagefolder import class_folders, main as to_imagefolder_main
 
 
@@ -255,7 +255,7 @@ def test_shipped_fashion_mnist_subset():
     img, y = train[0]
     assert img.size == (28, 28) and img.mode == 'RGB' and y == train.targets[0]
     assert create_dataset('fashion_mnist', None, 'test', input_img_mode='L')[0][0].mode == 'L'
-    folder = fashion_mnist_reader.SHIPPED_DIR
+    folder = fashion_mnist.SHIPPED_DIR
     assert sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) <= 2 * 1024 * 1024
     assert {'LICENSE', 'README.md'} <= set(os.listdir(folder))
 
@@ -265,10 +265,10 @@ def test_fashion_mnist_full_files_reader(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (7, 28, 28), dtype=np.uint8)
     labels = np.array([3, 1, 4, 1, 5, 9, 2], dtype=np.uint8)
-    fashion_mnist_reader.write_idx(str(tmp_path / 'train-images-idx3-ubyte.gz'), images)
-    fashion_mnist_reader.write_idx(str(tmp_path / 'train-labels-idx1-ubyte.gz'), labels)
-    fashion_mnist_reader.write_idx(str(tmp_path / 't10k-images-idx3-ubyte'), images[:2])
-    fashion_mnist_reader.write_idx(str(tmp_path / 't10k-labels-idx1-ubyte'), labels[:2])
+    fashion_mnist.write_idx(str(tmp_path / 'train-images-idx3-ubyte.gz'), images)
+    fashion_mnist.write_idx(str(tmp_path / 'train-labels-idx1-ubyte.gz'), labels)
+    fashion_mnist.write_idx(str(tmp_path / 't10k-images-idx3-ubyte'), images[:2])
+    fashion_mnist.write_idx(str(tmp_path / 't10k-labels-idx1-ubyte'), labels[:2])
     ds = create_dataset('fashion_mnist', root=str(tmp_path), split='train', input_img_mode='L')
     assert len(ds) == 7 and ds.targets == labels.tolist()
     assert np.array_equal(np.asarray(ds[2][0]), images[2])
@@ -280,16 +280,16 @@ def test_fashion_mnist_full_files_reader(tmp_path):
 def test_fashion_mnist_truncated_or_foreign_files(tmp_path):
     """A cut-off download, a .gz that is not gzip, a cut-off raw file: one ValueError naming the file."""
     images = np.zeros((7, 28, 28), dtype=np.uint8)
-    fashion_mnist_reader.write_idx(str(tmp_path / 'a.gz'), images)
-    fashion_mnist_reader.write_idx(str(tmp_path / 'b'), images)
+    fashion_mnist.write_idx(str(tmp_path / 'a.gz'), images)
+    fashion_mnist.write_idx(str(tmp_path / 'b'), images)
     cut_gz, foreign, cut_raw = tmp_path / 'cut.gz', tmp_path / 'foreign.gz', tmp_path / 'cut'
     cut_gz.write_bytes((tmp_path / 'a.gz').read_bytes()[:40])
     foreign.write_bytes((tmp_path / 'b').read_bytes())
     cut_raw.write_bytes((tmp_path / 'b').read_bytes()[:1000])
     for path in (cut_gz, foreign, cut_raw):
         with pytest.raises(ValueError, match=f'{path.name} .*(truncated|not an idx).*copy the original file again'):
-            fashion_mnist_reader.read_idx(str(path))
-    assert fashion_mnist_reader.read_idx(str(tmp_path / 'a.gz')).shape == (7, 28, 28)
+            fashion_mnist.read_idx(str(path))
+    assert fashion_mnist.read_idx(str(tmp_path / 'a.gz')).shape == (7, 28, 28)
 
 
 def test_fashion_mnist_subset_per_class_and_held_out(tmp_path):
@@ -300,11 +300,11 @@ def test_fashion_mnist_subset_per_class_and_held_out(tmp_path):
     src = tmp_path / 'src'
     src.mkdir()
     for prefix in ('train', 't10k'):
-        fashion_mnist_reader.write_idx(str(src / f'{prefix}-images-idx3-ubyte.gz'), images)
-        fashion_mnist_reader.write_idx(str(src / f'{prefix}-labels-idx1-ubyte.gz'), labels)
-    fashion_mnist.main([str(src), str(tmp_path / 'in'), '--train-per-class', '3', '--test-per-class', '2',
+        fashion_mnist.write_idx(str(src / f'{prefix}-images-idx3-ubyte.gz'), images)
+        fashion_mnist.write_idx(str(src / f'{prefix}-labels-idx1-ubyte.gz'), labels)
+    make_fashion_mnist_subset.main([str(src), str(tmp_path / 'in'), '--train-per-class', '3', '--test-per-class', '2',
                         '--classes', '1', '4', '7'])
-    fashion_mnist.make_subset(str(src), str(tmp_path / 'all'), 3, 2)
+    make_fashion_mnist_subset.make_subset(str(src), str(tmp_path / 'all'), 3, 2)
     seen = collections.Counter()   # naive: walk the file, keep a sample while its class has room
     expected = []
     for i, y in enumerate(labels.tolist()):
@@ -361,9 +361,9 @@ def test_to_imagefolder_class_folders(aircraft, tmp_path):
 
 
 def test_subset_command_runs_without_warnings(tmp_path):
-    """`python -m carrot_zzz.data.fashion_mnist` is a command the package never imports itself: running it gives
+    """`python -m carrot_zzz.data.make_fashion_mnist_subset` is a command the package never imports itself: running it gives
     no "found in sys.modules" RuntimeWarning."""
     import subprocess
-    p = subprocess.run([sys.executable, '-W', 'error::RuntimeWarning', '-m', 'carrot_zzz.data.fashion_mnist',
+    p = subprocess.run([sys.executable, '-W', 'error::RuntimeWarning', '-m', 'carrot_zzz.data.make_fashion_mnist_subset',
                         '--help'], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and 'RuntimeWarning' not in p.stderr, p.stderr[-2000:]

@@ -10,7 +10,7 @@ official test split (see carrot_zzz.data.fgvc for FGVC-Aircraft's and Flowers-10
 from functools import partial
 from typing import Callable, Dict, Optional
 
-from .fashion_mnist_reader import FashionMNIST
+from .fashion_mnist import FashionMNIST
 from .fgvc import (CUB200, EVAL_SPLITS, TRAIN_SPLITS, FGVCAircraft, Flowers102, ImageListDataset, NABirds,
                    StanfordCars, StanfordDogs, split_kind)
 

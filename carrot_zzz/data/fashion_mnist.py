@@ -1,53 +1,108 @@
-"""Write a class-balanced subset of Fashion-MNIST's original idx files (the shipped one is made this way):
+"""Fashion-MNIST from its original idx files (gzipped or not): the full set, or the subset shipped with carrot_zzz.
 
-    python -m carrot_zzz.data.fashion_mnist SRC_DIR OUT_DIR --train-per-class 300 --test-per-class 100
+    FashionMNIST(root=None, split='train')      the class-balanced subset in carrot_zzz/data/fashion_mnist_subset/
+    FashionMNIST(root='/usr/share/datasets/fashion-mnist', split='validation')   the full 60k / 10k files
 
-keeps the first N images of each class in file order (deterministic) and writes the same idx.gz format;
-`--classes 0 1 ...` keeps only those labels (a held-out class makes an out-of-distribution set). The reader is
-carrot_zzz.data.fashion_mnist_reader; this module is the command only, so the package never imports it.
+Files read (the names of the original release, `.gz` optional):
+    train-images-idx3-ubyte, train-labels-idx1-ubyte      (train split)
+    t10k-images-idx3-ubyte,  t10k-labels-idx1-ubyte       (test split; 'val' / 'validation' / 'test')
+
+idx format: big-endian int32 magic (0x00000803 images, 0x00000801 labels), the int32 sizes (N[, 28, 28]),
+then uint8 data. Images are 28 x 28 grayscale ('L'), converted to input_img_mode ('RGB' for 3-channel models).
+
+carrot_zzz.data.make_fashion_mnist_subset (a command) writes class-balanced subsets of the original files.
 """
-import argparse
+import gzip
 import os
-from typing import Optional, Sequence
+import struct
+from typing import Optional, Tuple
 
 import numpy as np
 
-from .fashion_mnist_reader import FILE_PREFIX, load_split, write_idx
+from .fgvc import ImageListDataset, split_kind
 
-__all__ = ['make_subset', 'main']
+__all__ = ['FashionMNIST', 'CLASSES', 'SHIPPED_DIR', 'FILE_PREFIX', 'read_idx', 'write_idx', 'load_split']
+
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fashion_mnist_subset')
+CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
+FILE_PREFIX = {'train': 'train', 'test': 't10k'}
 
 
-def make_subset(src: str, out: str, train_per_class: int, test_per_class: int,
-                classes: Optional[Sequence[int]] = None) -> None:
-    """Write the first N images of each class (file order) of both splits of src as idx.gz files into out.
+def _find(root: str, name: str) -> str:
+    for candidate in (name + '.gz', name):
+        path = os.path.join(root, candidate)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f'fashion_mnist: {name}[.gz] not found in {root}; point --data-dir at the folder with the original '
+        f'Fashion-MNIST idx files (or leave it empty for the subset shipped with carrot_zzz)')
 
-    classes: keep only these labels (their original values: a held-out class stays out of training and can be
-    written to a folder of its own, e.g. as an out-of-distribution set for validate.py --ood-data-dir).
+
+def read_idx(path: str) -> np.ndarray:
+    """uint8 array of an idx file (gzipped when the name ends in .gz): (N,) labels or (N, H, W) images.
+
+    Raises ValueError naming the file when it is truncated, not gzip data, or not a uint8 idx file.
     """
-    os.makedirs(out, exist_ok=True)
-    for split, per_class in (('train', train_per_class), ('test', test_per_class)):
-        images, labels = load_split(src, split)
-        order = np.argsort(labels, kind='stable')                     # grouped by class, file order within
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(labels)) - np.searchsorted(labels[order], labels[order])  # position in class
-        chosen = (rank < per_class) & (np.isin(labels, classes) if classes is not None else True)
-        keep = np.flatnonzero(chosen)                                 # file order (classes interleaved)
-        prefix = FILE_PREFIX[split]
-        write_idx(os.path.join(out, f'{prefix}-images-idx3-ubyte.gz'), images[keep])
-        write_idx(os.path.join(out, f'{prefix}-labels-idx1-ubyte.gz'), labels[keep].astype(np.uint8))
+    opener = gzip.open if path.endswith('.gz') else open
+    try:
+        with opener(path, 'rb') as f:
+            data = f.read()
+        zero, dtype, ndim = struct.unpack('>HBB', data[:4])
+        shape = struct.unpack('>' + 'I' * ndim, data[4:4 + 4 * ndim])
+    except (EOFError, struct.error, gzip.BadGzipFile) as e:
+        raise ValueError(f'{path} is truncated or not an idx file ({type(e).__name__}: {e}); '
+                         f'copy the original file again') from e
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f'{path} is not a uint8 idx file (magic {data[:4].hex()}); expected the original idx format')
+    offset = 4 + 4 * ndim
+    if len(data) - offset != int(np.prod(shape)):
+        raise ValueError(f'{path} holds {len(data) - offset} bytes of data for an array of shape {shape}: it is '
+                         f'truncated; copy the original file again')
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description='Write a class-balanced Fashion-MNIST subset (first N per class).')
-    p.add_argument('src', help='folder of the original Fashion-MNIST idx(.gz) files')
-    p.add_argument('out', help='output folder')
-    p.add_argument('--train-per-class', type=int, default=300)
-    p.add_argument('--test-per-class', type=int, default=100)
-    p.add_argument('--classes', type=int, nargs='+', default=None, metavar='LABEL',
-                   help='keep only these labels, 0-9 (default: all ten)')
-    a = p.parse_args(argv)
-    make_subset(a.src, a.out, a.train_per_class, a.test_per_class, a.classes)
+def write_idx(path: str, array: np.ndarray) -> None:
+    """Write a uint8 array as an idx file, gzipped (level 9, fixed mtime: reproducible bytes) if path ends in .gz."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack('>HBB', 0, 0x08, array.ndim) + struct.pack('>' + 'I' * array.ndim, *array.shape)
+    if path.endswith('.gz'):
+        with open(path, 'wb') as raw, gzip.GzipFile(fileobj=raw, mode='wb', compresslevel=9, mtime=0) as f:
+            f.write(header + array.tobytes())
+    else:
+        with open(path, 'wb') as f:
+            f.write(header + array.tobytes())
 
 
-if __name__ == '__main__':
-    main()
+def load_split(root: Optional[str], split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(images (N, 28, 28) uint8, labels (N,) int64) of 'train' or the test split of the files in root."""
+    root = root or SHIPPED_DIR
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f'fashion_mnist: data folder {root} does not exist; pass --data-dir with the '
+                                f'folder of the Fashion-MNIST idx files, or none for the shipped subset')
+    prefix = FILE_PREFIX[split_kind(split, 'fashion_mnist')]
+    images = read_idx(_find(root, f'{prefix}-images-idx3-ubyte'))
+    labels = read_idx(_find(root, f'{prefix}-labels-idx1-ubyte')).astype(np.int64)
+    if images.ndim != 3 or len(images) != len(labels):
+        raise ValueError(f'fashion_mnist: {root} holds {images.shape} images for {labels.shape} labels')
+    return images, labels
+
+
+class FashionMNIST(ImageListDataset):
+    """Fashion-MNIST as a timm-style dataset: dataset[i] -> (PIL image in input_img_mode, int label).
+
+    root: folder with the original idx files; None / '' reads the shipped subset (data/fashion_mnist_subset/).
+    split: 'train', or 'val' / 'validation' / 'test' (the official t10k test set).
+    """
+
+    files_on_disk = False          # the sample names label arrays read from the idx files
+
+    def __init__(self, root: Optional[str] = None, split: str = 'train', input_img_mode: str = 'RGB', transform=None):
+        images, labels = load_split(root, split)
+        super().__init__(
+            samples=[(f'{split_kind(split)}_{i:05d}.png', int(t)) for i, t in enumerate(labels)],
+            classes=CLASSES, input_img_mode=input_img_mode, transform=transform)
+        self.images = images
+
+    def load_image(self, index: int):
+        from PIL import Image
+        return Image.fromarray(self.images[index])
