@@ -299,6 +299,11 @@ PAIRED = [('top1', 'top-1'), ('ece_calibrated', 'ECE after T'), ('nll', 'NLL'), 
           ('ood_auroc_maxlogit', 'AUROC maxlogit')]
 
 
+def _stat(value):
+    """A CARROT statistic for the table: '–' for a run that has none (no CARROT, not even at weight 0)."""
+    return '–' if value is None or math.isnan(value) else f'{value:.3g}'
+
+
 def paired_lines(rows, pairs):
     """Markdown: per pair A:B, B - A per seed both have (mean ± sample std, n), and min r / min erank of each side."""
     if not pairs:
@@ -314,7 +319,7 @@ def paired_lines(rows, pairs):
         for key, _ in PAIRED:
             m, sd, n = mean_std([by[(b, s)].get(key, math.nan) - by[(a, s)].get(key, math.nan) for s in seeds])
             cells.append('n/a' if n == 0 else f'{m:+.2f} ± {sd:.2f}')
-        stats = [' / '.join(f'{mean_std([by[(v, s)].get(key) for s in seeds])[0]:.3g}' for v in (a, b))
+        stats = [' / '.join(_stat(mean_std([by[(v, s)].get(key) for s in seeds])[0]) for v in (a, b))
                  for key in ('min_r', 'min_erank_frac')]
         lines.append(f'| {a} | {b} | {len(seeds)} | ' + ' | '.join(cells + stats) + ' |')
     return lines
