@@ -1,4 +1,4 @@
-"""benchmarks/ablation.py end to end: 2 variants x 1 seed x 1 epoch of timm's test_resnet on a tiny image folder,
+"""experiments/ablation.py end to end: 2 variants x 1 seed x 1 epoch of timm's test_resnet on a tiny image folder,
 through the real train.py / validate.py subprocesses; then a resumed sweep skips both runs. About 20-30 s on 2 cores.
 """
 import csv
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, 'benchmarks', 'ablation.py')
+SCRIPT = os.path.join(ROOT, 'experiments', 'ablation.py')
 TRAIN_FLAGS = ['--model', 'test_resnet', '--input-size', '3', '32', '32', '--num-classes', '4', '--batch-size', '16',
                '--workers', '0', '--device', 'cpu', '--opt', 'adamw', '--lr', '2e-3', '--warmup-epochs', '0',
                '--no-aug', '--epochs', '1', '--log-interval', '1', '--checkpoint-hist', '1']

@@ -1,8 +1,8 @@
 """Try every registered `<arch>_zzz` architecture: build it, run forward (+ backward), report the counts.
 
-    python benchmarks/sweep_archs.py                          # all, small ones first, 1 process, CPU
-    python benchmarks/sweep_archs.py --filter 'vit_*' --limit 50
-    python benchmarks/sweep_archs.py --workers 8 --device cuda --json sweep.json
+    python experiments/sweep_archs.py                          # all, small ones first, 1 process, CPU
+    python experiments/sweep_archs.py --filter 'vit_*' --limit 50
+    python experiments/sweep_archs.py --workers 8 --device cuda --json sweep.json
 
 For each architecture: create `<arch>_zzz` (num_classes=10, random init) at a small input size (`img_size`
 is passed to fixed-size architectures, retried at the native size when the small one fails), run

