@@ -593,3 +593,28 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_update(tmp_path, im
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     with open(tmp_path / 'term' / 'summary.csv') as f:
         assert [row['epoch'] for row in csv.DictReader(f)] == ['0', '1']
+
+
+def test_a_crash_after_a_recovery_checkpoint_resumes_inside_the_epoch(data_dir, tmp_path, monkeypatch):
+    """--recovery-interval 2 and a kill in epoch 1 after update 2: --resume auto takes recovery-1-1 (newer than
+    last.pth.tar of epoch 0) and continues inside epoch 1 with the uninterrupted run's numbers."""
+    extra = ('--head', 'zzz', '--zzz-rank', '2', '--carrot', '--recovery-interval', '2')
+    full = summary(run(data_dir, tmp_path / 'a', 'full', *extra, epochs=2))
+    real = Trainer._after_update
+
+    def crash(self, updates_done):
+        real(self, updates_done)
+        if updates_done == self.updates_per_epoch + 3:                     # epoch 1, after update 2
+            raise Killed
+
+    monkeypatch.setattr(Trainer, '_after_update', crash)
+    with pytest.raises(Killed):
+        run(data_dir, tmp_path / 'b', 'part', *extra, epochs=2)
+    monkeypatch.setattr(Trainer, '_after_update', real)
+    assert os.path.exists(tmp_path / 'b' / 'part' / 'recovery-1-1.pth.tar')
+    run(data_dir, tmp_path / 'b', 'part', *extra, '--resume', 'auto', epochs=2)
+    resumed = summary(tmp_path / 'b' / 'part')
+    assert [row[0] for row in resumed[1:]] == ['0', '1']
+    for col in ('train_loss', 'train_R', 'eval_loss', 'eval_top1'):
+        i = full[0].index(col)
+        assert float(resumed[2][i]) == pytest.approx(float(full[2][i]), rel=1e-5, abs=1e-7), col

@@ -191,18 +191,23 @@ class Trainer:
         torchvision.utils.save_image(images, os.path.join(self.output_dir, f'train-batch-{index}.jpg'), padding=0,
                                      normalize=True)
 
-    def _recovery(self, epoch: int, update: int, running: RunningMeans) -> None:
+    def _write_recovery(self, epoch: int, update: int, running: RunningMeans,
+                        epoch_rng: Dict[str, Any]) -> Optional[str]:
+        """recovery-<epoch>-<update>.pth.tar (rank 0): the run's state with what resuming inside the epoch needs
+        (the update, the epoch's RNG start, the running means); its path, None on the other ranks."""
+        if self.keeper is None:
+            return None
+        return self.keeper.recovery({**self.state(), 'update': update, 'epoch_rng_state': epoch_rng,
+                                     'running': running.state()}, epoch, update)
+
+    def _recovery(self, epoch: int, update: int, running: RunningMeans, epoch_rng: Dict[str, Any]) -> None:
         """A mid-epoch checkpoint, written only while the loss is still finite (every rank checks: the means sync)."""
         self._check_finite(running.means(self.world), epoch, f'before the recovery checkpoint of update {update}')
-        if self.keeper is not None:
-            self.keeper.recovery(self.state(), epoch, update)
+        self._write_recovery(epoch, update, running, epoch_rng)
 
     def _preempt(self, epoch: int, update: int, running: RunningMeans, epoch_rng: Dict[str, Any]) -> None:
         """Write the recovery checkpoint of this update (rank 0) and raise Preempted naming it."""
-        path = None
-        if self.keeper is not None:
-            path = self.keeper.recovery({**self.state(), 'update': update, 'epoch_rng_state': epoch_rng,
-                                         'running': running.state()}, epoch, update)
+        path = self._write_recovery(epoch, update, running, epoch_rng)
         where = f'the state of update {update} of epoch {epoch} is in {path}' if path else 'rank 0 saved the state'
         raise Preempted(f'stopped by {self.stop.name or "a signal to another process"} at epoch {epoch}, update '
                         f'{update}: {where}; continue with '
@@ -272,7 +277,7 @@ class Trainer:
             update = index // steps
             self._after_update(updates_done)
             if cfg.recovery_interval and (update + 1) % cfg.recovery_interval == 0:
-                self._recovery(epoch, update, running)
+                self._recovery(epoch, update, running, epoch_rng)
             at_log = update % cfg.log_interval == 0 or index == batches - 1
             if (at_log or not cfg.distributed) and agreed_stop(self.stop, cfg.distributed, self.precision.device):
                 self._preempt(epoch, update, running, epoch_rng)
