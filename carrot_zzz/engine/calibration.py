@@ -135,6 +135,9 @@ def export_calibration(cfg: argparse.Namespace, data: TrainingData,
     single.distributed = False
     loader = eval_loader(single, data.eval_dataset, data.data_config, precision)
     where = 'the held-out part of the training split' if data.holdout else f'the {cfg.val_split} split'
+    if not data.holdout:
+        _logger.warning(f'The temperature is fitted on {where}: validate.py on that split reports an optimistic ECE. '
+                        f'Hold out a part of the training split for it with holdout_fraction=F (or calibrate=off)')
 
     def calibrate(module: nn.Module, name: str) -> Dict[str, str]:
         if foldable_head(module) is None:
