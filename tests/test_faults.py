@@ -521,9 +521,9 @@ def test_a_second_signal_stops_at_once(data_dir, tmp_path):
     assert not [f for f in os.listdir(tmp_path / 'twice') if f.startswith('recovery')]
 
 
-def test_a_lost_rank_is_one_line_on_the_others(tmp_path, image_folder):
-    """torchrun, 2 processes, rank 1 killed (SIGKILL) in its 3rd update: rank 0's collective fails; it stops with one
-    line naming the lost rank and --resume auto, no traceback of its own (torchrun's report follows)."""
+def _torchrun_with_signal(tmp_path, image_folder, signal_name, at_update, experiment, log_interval):
+    """(launch command, env) of train.py under torchrun (2 processes) whose rank 1 sends itself signal_name after
+    its update `at_update` when the environment has SEND_SIGNAL."""
     from test_train import BASE as DDP_BASE
     data = image_folder(tmp_path / 'data')
     wrapper = tmp_path / 'run_train.py'
@@ -533,20 +533,27 @@ def test_a_lost_rank_is_one_line_on_the_others(tmp_path, image_folder):
         import train
         from carrot_zzz.engine.loop import Trainer
         real = Trainer._after_update
-        def die(self, updates_done):
+        def send(self, updates_done):
             real(self, updates_done)
-            if updates_done == 3 and os.environ.get('RANK') == '1':
-                os.kill(os.getpid(), signal.SIGKILL)
-        Trainer._after_update = die
+            if updates_done == {at_update} and os.environ.get('RANK') == '1' and os.environ.get('SEND_SIGNAL'):
+                os.kill(os.getpid(), signal.{signal_name})
+        Trainer._after_update = send
         train.main()
     '''))
     argv = [data, *DDP_BASE, '--model', 'test_resnet', '--batch-size', '8', '--epochs', '2', '--output', str(tmp_path),
-            '--experiment', 'lost', '--head', 'zzz', '--zzz-rank', '2', '--carrot', '--sampler', 'pk',
-            '--samples-per-class', '4', '--log-interval', '1']
-    proc = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-         str(wrapper), *argv], capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'),
-        cwd=str(tmp_path))
+            '--experiment', experiment, '--head', 'zzz', '--zzz-rank', '2', '--carrot', '--sampler', 'pk',
+            '--samples-per-class', '4', '--log-interval', str(log_interval)]
+    launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(wrapper),
+              *argv]
+    return launch, dict(os.environ, OMP_NUM_THREADS='1')
+
+
+def test_a_lost_rank_is_one_line_on_the_others(tmp_path, image_folder):
+    """torchrun, 2 processes, rank 1 killed (SIGKILL) in its 3rd update: rank 0's collective fails; it stops with one
+    line naming the lost rank and --resume auto, no traceback of its own (torchrun's report follows)."""
+    launch, env = _torchrun_with_signal(tmp_path, image_folder, 'SIGKILL', 3, 'lost', 1)
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=dict(env, SEND_SIGNAL='1'),
+                          cwd=str(tmp_path))
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert ('train.py: error: rank 1 of 2 was lost (process 0 saw its connection close); this process stops too. '
@@ -557,29 +564,8 @@ def test_a_lost_rank_is_one_line_on_the_others(tmp_path, image_folder):
 def test_sigterm_under_torchrun_stops_every_rank_at_the_same_update(tmp_path, image_folder):
     """SIGTERM reaching rank 1 alone (in its 2nd update): at the next log line both ranks agree and stop at that
     update, rank 0 writes the recovery checkpoint of it, both say so in one line; --resume auto continues there."""
-    from test_train import BASE as DDP_BASE
-    data = image_folder(tmp_path / 'data')
-    wrapper = tmp_path / 'run_train.py'
-    wrapper.write_text(textwrap.dedent(f'''
-        import os, signal, sys
-        sys.path[:0] = [{ROOT!r}]
-        import train
-        from carrot_zzz.engine.loop import Trainer
-        real = Trainer._after_update
-        def term(self, updates_done):
-            real(self, updates_done)
-            if updates_done == 2 and os.environ.get('RANK') == '1' and os.environ.get('SEND_TERM'):
-                os.kill(os.getpid(), signal.SIGTERM)
-        Trainer._after_update = term
-        train.main()
-    '''))
-    argv = [data, *DDP_BASE, '--model', 'test_resnet', '--batch-size', '8', '--epochs', '2', '--output', str(tmp_path),
-            '--experiment', 'term', '--head', 'zzz', '--zzz-rank', '2', '--carrot', '--sampler', 'pk',
-            '--samples-per-class', '4', '--log-interval', '2']
-    launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-              str(wrapper), *argv]
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=dict(env, SEND_TERM='1'),
+    launch, env = _torchrun_with_signal(tmp_path, image_folder, 'SIGTERM', 2, 'term', 2)
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=dict(env, SEND_SIGNAL='1'),
                           cwd=str(tmp_path))
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0

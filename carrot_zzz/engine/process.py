@@ -4,7 +4,7 @@ import argparse
 import importlib
 import logging
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import List, Optional
 
 import torch

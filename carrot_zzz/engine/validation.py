@@ -34,7 +34,7 @@ from ..sampler import dataset_targets
 from ..registry import is_zzz_name, zzz_name
 from ..weights import CLASS_NAMES_KEY, describe_checkpoint, fit_state_dict, read_weights
 from .data import evaluation_loader, read_split
-from .errors import SettingError, first_line
+from .errors import SettingError
 from .models import build_timm_model, check_scriptable, merge_model_kwargs
 from .precision import Precision
 
