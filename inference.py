@@ -39,6 +39,7 @@ from carrot_zzz.engine.validation import (checkpoint_class_names, create_validat
 from carrot_zzz.engine.errors import first_line
 from carrot_zzz.engine.evaluate import logits_and_embedding, predict
 from carrot_zzz.files import unwritable
+from carrot_zzz.folded_head import folded_heads
 from carrot_zzz.model import HEAD_TYPES
 from carrot_zzz.ood import OODScorer
 from carrot_zzz.results_table import EXTENSIONS, RESULT_FORMATS, require_parquet, write_table
@@ -164,9 +165,10 @@ def predict_images(cfg: argparse.Namespace):
         _logger.warning(f'{len(bad)} images cannot be read; they get a row with an error')
     rows = []
     if len(dataset):
-        scores = predict(model, validation_loader(cfg, dataset, data_config, crop_pct, precision, raw), precision,
-                         channels_last=cfg.channels_last, scorer=OODScorer(head), keep_logits=True,
-                         keep_embeddings=False, forward=forward, log_every=cfg.log_freq, log_name='Predict')
+        with folded_heads(raw):     # the ZZZ head as one matrix product (carrot_zzz.folded_head)
+            scores = predict(model, validation_loader(cfg, dataset, data_config, crop_pct, precision, raw),
+                             precision, channels_last=cfg.channels_last, scorer=OODScorer(head), keep_logits=True,
+                             keep_embeddings=False, forward=forward, log_every=cfg.log_freq, log_name='Predict')
         rows = prediction_rows(cfg, sample_names(dataset, cfg.fullname), scores,
                                label_names(names, raw.num_classes, cfg.label_type), rule)
     return rows + error_rows(cfg, bad), data_config['input_size'][-1]

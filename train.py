@@ -48,11 +48,11 @@ from carrot_zzz.engine.loop import Trainer, updates_per_epoch
 from carrot_zzz.engine.preemption import Preempted, ProcessLost
 from carrot_zzz.engine.models import create_training_model
 from carrot_zzz.engine.optim import build_optimizer, build_scheduler, resolve_learning_rate
-from carrot_zzz.engine.process import experiment_name, loss_scaler, place_model, start_process
+from carrot_zzz.engine.process import experiment_name, loss_scaler, one_error_line, place_model, start_process
 from carrot_zzz.engine.settings import check_experiment_folder, check_training_settings
 from carrot_zzz.engine.task import build_task, compile_and_distribute, training_loss
 from carrot_zzz.model import HEAD_TYPES
-from carrot_zzz.train_task import CARROT_SCOPES
+from carrot_zzz.regularised_task import CARROT_SCOPES
 
 _logger = logging.getLogger('train')
 SCRIPT = 'train.py'
@@ -355,11 +355,12 @@ def _wandb(cfg: argparse.Namespace, name: str):
 def main(argv: Optional[List[str]] = None) -> Optional[str]:
     """Train; returns the experiment folder (None on ranks other than 0)."""
     setup_default_logging()
-    cfg, cfg_text = parse_args(argv)
+    with one_error_line(None):           # the settings checks: one line under torchrun too
+        cfg, cfg_text = parse_args(argv)
     parser = build_parser()
     folder = lock = keeper = summary = None
     try:
-        with setting_errors(SCRIPT, parser):
+        with one_error_line(cfg), setting_errors(SCRIPT, parser):
             check_experiment_folder(cfg)
             precision = start_process(cfg)
             model = place_model(create_training_model(cfg), cfg, precision)

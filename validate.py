@@ -23,6 +23,13 @@ with --use-ema) and .safetensors, or a folder of them; the class count, head typ
 not given. -c/--config RECIPE (not in timm) takes a train.py recipe's model and data settings as defaults:
 
     python validate.py -c hparams/demo.yaml --checkpoint output/train/demo/model_best.safetensors
+
+Under torchrun (one process per GPU, as train.py) each process scores its shard of each split, the scores are
+gathered in dataset order (the results are those of one process), and rank 0 alone prints and writes them:
+
+    torchrun --standalone --nproc_per_node 8 validate.py --data-dir /data/CUB_200_2011 --dataset cub200 ...
+
+--num-gpu N is the one-process alternative (DataParallel over N GPUs); the two do not combine.
 """
 import argparse
 import copy
@@ -37,22 +44,20 @@ from typing import List, Optional
 import torch
 from safetensors import SafetensorError
 from timm.data import RealLabelsImagenet
-from timm.layers import set_fast_norm
 from timm.models import is_model, list_models
-from timm.utils import (check_batch_size_retry, decay_batch_step, natural_key, random_seed, set_jit_fuser,
-                        setup_default_logging)
+from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, random_seed, setup_default_logging
 
 from carrot_zzz.cli import (add, add_dataset_reader_flags, add_input_flags, add_model_build_flags, add_precision_flags,
                             add_task_flags, fail, parse_with_recipe, setting_errors, single_label_error)
 from carrot_zzz.data.classes import dataset_class_names
 from carrot_zzz.engine.data import image_mode
-from carrot_zzz.engine.precision import fast_cuda_math, require_device, resolve_precision
+from carrot_zzz.engine.precision import Precision
+from carrot_zzz.engine.process import leave_processes, one_error_line
 from carrot_zzz.engine.calibration import HOLDOUT, calibrate_for_report
 from carrot_zzz.engine.validation import (checkpoint_class_names, class_names, create_validation_model, holdout_part,
-                                          prepare_model,
-                                          match_classes, open_eval_split, per_class_rows, read_checkpoint, report,
-                                          retrieval_fields, validation_loader, write_extras, write_results,
-                                          write_rows)
+                                          is_primary, match_classes, open_eval_split, per_class_rows, prepare_model,
+                                          read_checkpoint, report, retrieval_fields, start_validation,
+                                          validation_loader, write_extras, write_results, write_rows)
 from carrot_zzz.engine.errors import first_line
 from carrot_zzz.engine.evaluate import logits_and_embedding, predict
 from carrot_zzz.files import unwritable
@@ -60,6 +65,7 @@ from carrot_zzz.weights import save_weights
 from carrot_zzz.reliability import require_plotting
 from carrot_zzz.model import HEAD_TYPES
 from carrot_zzz.ood import OODScorer
+from carrot_zzz.folded_head import folded_heads
 from carrot_zzz.zzz_head import ZZZHead
 
 _logger = logging.getLogger('validate')
@@ -88,7 +94,7 @@ def _flags(p: argparse.ArgumentParser) -> None:
     add(p, '--gp', None, 'global pooling of the backbone (default: the model\'s)', str)
     add(p, '--log-freq', 10, 'batches between progress lines', int)
     add(p, '--checkpoint', '', 'weights to validate: .pth.tar, .pth, .safetensors, or a folder of them', str)
-    add(p, '--num-gpu', 1, 'GPUs for DataParallel', int)
+    add(p, '--num-gpu', 1, 'GPUs for DataParallel in one process (under torchrun: leave at 1)', int)
     add(p, '--test-pool', False, 'test-time pooling at a larger input')
     add(p, '--no-prefetcher', False, 'plain loader: no asynchronous copy and normalisation on the device')
     add(p, '--pin-mem', False, 'page-locked loader memory for faster host-to-device copies')
@@ -149,7 +155,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def check_args(cfg: argparse.Namespace) -> None:
     """What holds for the whole run, checked once before any model (in a bulk run, before the first)."""
-    require_device(cfg.device)
     error = single_label_error(cfg)
     if error:
         fail(SCRIPT, error)
@@ -214,9 +219,12 @@ def _sklearn_metrics(cfg, scores) -> dict:
             for name, fn in (('precision', precision_score), ('recall', recall_score), ('f1_score', f1_score))}
 
 
-def validate(cfg: argparse.Namespace) -> OrderedDict:
-    """Validate one model (one checkpoint); returns its results."""
-    precision = _start(cfg)
+def validate(cfg: argparse.Namespace, precision: Precision) -> OrderedDict:
+    """Validate one model (one checkpoint); returns its results. Under torchrun every process scores its shard of
+    each split and gets the whole split's scores back (engine.evaluate.predict), so all compute the same results;
+    rank 0 alone logs them and writes the files (retrieval fields, the costly ones, are computed there only)."""
+    cfg.pretrained = cfg.pretrained or not cfg.checkpoint
+    random_seed(cfg.seed)                               # the same on every process: one model
     state_dict, meta = read_checkpoint(cfg.checkpoint, cfg.use_ema) if cfg.checkpoint else (None, {})
     raw = create_validation_model(cfg, state_dict)
     names = checkpoint_class_names(cfg, meta, raw.num_classes) if state_dict is not None else None
@@ -234,20 +242,21 @@ def validate(cfg: argparse.Namespace) -> OrderedDict:
     score = _scoring(cfg, model, head, subset)
     loader = partial(validation_loader, cfg, data_config=data_config, crop_pct=crop_pct, precision=precision,
                      model=raw)
-    scores = predict(model, loader(dataset), precision, on_logits=real.add_result if real else None,
-                     log_every=cfg.log_freq, keep_logits=bool(cfg.retrieval or cfg.save_embeddings or
-                                                               cfg.fit_temperature), **score)
-    if not scores:
-        fail(SCRIPT, f'split {cfg.split!r} at {root} holds no samples; check --data-dir / --dataset / --split')
-    ood = None
-    if cfg.ood_data_dir:
-        ood_set = open_eval_split(cfg, cfg.ood_dataset, cfg.ood_data_dir, cfg.ood_split or cfg.split, img_mode)
-        ood = predict(model, loader(ood_set), precision, **{**score, 'keep_embeddings': False})
+    with folded_heads(raw):     # the ZZZ head as one matrix product (carrot_zzz.folded_head)
+        scores = predict(model, loader(dataset), precision, log_every=cfg.log_freq,
+                         keep_logits=bool(cfg.retrieval or cfg.save_embeddings or cfg.fit_temperature or real),
+                         **score)
+        if not scores:
+            fail(SCRIPT, f'split {cfg.split!r} at {root} holds no samples; check --data-dir / --dataset / --split')
+        ood = None
+        if cfg.ood_data_dir:
+            ood_set = open_eval_split(cfg, cfg.ood_dataset, cfg.ood_data_dir, cfg.ood_split or cfg.split, img_mode)
+            ood = predict(model, loader(ood_set), precision, **{**score, 'keep_embeddings': False})
     classes = len(subset) if subset is not None else cfg.num_classes
-    real_top = {k: real.get_accuracy(k=k) for k in (1, 5)} if real else None
+    real_top = _real_top(real, scores['logits']) if real else None
     results = report(cfg, scores, classes, param_count, data_config, crop_pct, ood, real_top,
                      _sklearn_metrics(cfg, scores))
-    if cfg.retrieval:
+    if cfg.retrieval and is_primary(cfg):
         results.update(retrieval_fields(scores))
     columns = class_names(names, dataset, cfg.num_classes)
     columns = [columns[i] for i in subset] if subset is not None else columns
@@ -266,22 +275,6 @@ def validate(cfg: argparse.Namespace) -> OrderedDict:
     return results
 
 
-def _start(cfg: argparse.Namespace):
-    """The run's settings that need nothing built (pretrained without a checkpoint, prefetcher, CUDA math, seed,
-    fuser, fast norm); returns its Precision."""
-    cfg.pretrained = cfg.pretrained or not cfg.checkpoint
-    cfg.prefetcher = not cfg.no_prefetcher
-    fast_cuda_math()
-    precision = resolve_precision(cfg.device, cfg.amp, cfg.amp_dtype, cfg.model_dtype)
-    _logger.info(f'Validating with {precision.describe()}.')
-    random_seed(cfg.seed)
-    if cfg.fuser:
-        set_jit_fuser(cfg.fuser)
-    if cfg.fast_norm:
-        set_fast_norm()
-    return precision
-
-
 def _real_labels(cfg: argparse.Namespace, dataset):
     """timm's ImageNet "real" labels for the split's files; one line when the data set lists no files."""
     if not hasattr(dataset, 'filenames'):
@@ -290,10 +283,17 @@ def _real_labels(cfg: argparse.Namespace, dataset):
     return RealLabelsImagenet(dataset.filenames(basename=True), real_json=cfg.real_labels)
 
 
+def _real_top(real: RealLabelsImagenet, logits: torch.Tensor) -> dict:
+    """{1: %, 5: %}: top-1 / top-5 against the "real" labels of the split's logits (N, C) in dataset order."""
+    real.add_result(logits)
+    return {k: real.get_accuracy(k=k) for k in (1, 5)}
+
+
 def _late_write(cfg: argparse.Namespace, flag: str, path: str, write) -> None:
-    """write() when path is set, logged; a failure (a disk that filled up, a folder gone read-only) is kept in
-    cfg.write_failures for main, which prints the results first and then stops with one line."""
-    if not path:
+    """write() when path is set and this process writes (engine.validation.is_primary), logged; a failure (a disk
+    that filled up, a folder gone read-only) is kept in cfg.write_failures for main, which prints the results first
+    and then stops with one line."""
+    if not path or not is_primary(cfg):
         return
     try:
         write()
@@ -342,7 +342,7 @@ def _log_results(cfg, results, samples: int, ood_samples: int) -> None:
                          f'FPR@95TPR {results[f"ood_fpr95_{tag}"]:.3f} ({ood_samples} OOD samples)')
 
 
-def validate_with_retries(cfg: argparse.Namespace, batch_size: int) -> OrderedDict:
+def validate_with_retries(cfg: argparse.Namespace, batch_size: int, precision: Precision) -> OrderedDict:
     """validate(), with the batch halved (timm's decay steps) after each out-of-memory error; results with an
     'error' field when no batch size fits."""
     error = 'Unknown'
@@ -351,7 +351,7 @@ def validate_with_retries(cfg: argparse.Namespace, batch_size: int) -> OrderedDi
         try:
             if cfg.device.startswith('cuda') and torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            return validate(cfg)
+            return validate(cfg, precision)
         except RuntimeError as e:
             error = str(e)
             _logger.error(f'"{error}" while validating {cfg.model}')
@@ -384,7 +384,7 @@ def bulk_targets(cfg: argparse.Namespace):
     return []
 
 
-def validate_many(cfg: argparse.Namespace, targets) -> List[OrderedDict]:
+def validate_many(cfg: argparse.Namespace, targets, precision: Precision) -> List[OrderedDict]:
     """Every (model, checkpoint); one that cannot be validated is skipped with its one-line reason."""
     _logger.info(f'Validating {len(targets)} models / checkpoints: {", ".join(m for m, _ in targets)}')
     results = []
@@ -394,7 +394,7 @@ def validate_many(cfg: argparse.Namespace, targets) -> List[OrderedDict]:
             run.model, run.checkpoint = name, checkpoint
             try:
                 with setting_errors(SCRIPT, build_parser()):
-                    result = validate_with_retries(run, cfg.batch_size)
+                    result = validate_with_retries(run, cfg.batch_size, precision)
             except SystemExit as e:
                 _logger.error(f'skipping {name} {checkpoint or ""}: {e}')
                 continue
@@ -408,17 +408,22 @@ def validate_many(cfg: argparse.Namespace, targets) -> List[OrderedDict]:
 
 
 def main(argv: Optional[List[str]] = None):
+    """Validate what the command line names; returns the results (None on the torchrun processes but rank 0)."""
     setup_default_logging()
     cfg = parse_args(argv)
     cfg.write_failures = []
     parser = build_parser()
-    with setting_errors(SCRIPT, parser):
+    with one_error_line(cfg), setting_errors(SCRIPT, parser):
+        precision = start_validation(cfg)
         check_args(cfg)
         targets = bulk_targets(cfg)
         if targets:
-            results = validate_many(cfg, targets)
+            results = validate_many(cfg, targets, precision)
         else:
-            results = validate_with_retries(cfg, cfg.batch_size) if cfg.retry else validate(cfg)
+            results = validate_with_retries(cfg, cfg.batch_size, precision) if cfg.retry else validate(cfg, precision)
+    leave_processes(cfg)
+    if not is_primary(cfg):
+        return None
     print(f'--result\n{json.dumps(results, indent=4)}')   # for scripts that read timm's validate.py output
     _late_write(cfg, '--results-file', cfg.results_file,
                 lambda: write_results(cfg.results_file, results, cfg.results_format))

@@ -218,32 +218,19 @@ def _prime(torch, task, device):
     step()
 
 
-def worker(task):
-    import torch
-    if task.get('threads'):
-        torch.set_num_threads(task['threads'])
-    device = torch.device(task['device'])
-    cuda = device.type == 'cuda'
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    _prime(torch, task, device)
-    step, params, check = _build(torch, task, device)
-    gc.collect()
-    sync()
-
-    def zero_grad():
-        for p in params:
-            p.grad = None
-
-    # memory baseline: everything but the forward + backward working set is in place
+def _memory_baseline(torch, device, cuda: bool):
+    """(bytes in use before the measured calls, whether the kernel's peak RSS can be reset): everything but the
+    forward + backward working set is in place."""
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        rss_reset = None
-    else:
-        rss_reset = _reset_peak_rss()
-        base = _proc_status('VmRSS') if rss_reset else _peak_rss()
+        return torch.cuda.memory_allocated(device), None
+    rss_reset = _reset_peak_rss()
+    return (_proc_status('VmRSS') if rss_reset else _peak_rss()), rss_reset
 
+
+def _timed_calls(step, zero_grad, sync, task) -> list:
+    """Seconds of each measured call of step: `warmup` calls first (one when a call takes over 1 s), then up to
+    `iters` calls, stopping after 3 once `max_seconds` are spent."""
     times, warmup, i = [], task['warmup'], 0
     while len(times) < task['iters']:
         zero_grad()
@@ -261,19 +248,45 @@ def worker(task):
         i += 1
     zero_grad()
     sync()
+    return times
 
+
+def _peak_bytes(torch, device, cuda: bool, base: int, rss_reset, step, zero_grad) -> int:
+    """The working set of one call above `base`: CUDA's peak allocation, or on the CPU the peak RSS (one more
+    call measured alone when freed blocks can be returned to the system first)."""
     if cuda:
-        peak = torch.cuda.max_memory_allocated(device) - base
-    elif rss_reset and _return_freed_blocks():   # one more call, measured alone: the memory it really holds
+        return torch.cuda.max_memory_allocated(device) - base
+    if rss_reset and _return_freed_blocks():   # one more call, measured alone: the memory it really holds
         gc.collect()
         _reset_peak_rss()
         base = _proc_status('VmRSS')
         step()
         zero_grad()
-        peak = _proc_status('VmHWM') - base
-    else:
-        peak = (_proc_status('VmHWM') if rss_reset else None) or _peak_rss()
-        peak -= base
+        return _proc_status('VmHWM') - base
+    return ((_proc_status('VmHWM') if rss_reset else None) or _peak_rss()) - base
+
+
+def worker(task):
+    """One measured configuration in this process: median ms of a step, peak memory, the step's check value."""
+    import torch
+    if task.get('threads'):
+        torch.set_num_threads(task['threads'])
+    device = torch.device(task['device'])
+    cuda = device.type == 'cuda'
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    _prime(torch, task, device)
+    step, params, check = _build(torch, task, device)
+    gc.collect()
+    sync()
+
+    def zero_grad():
+        for p in params:
+            p.grad = None
+
+    base, rss_reset = _memory_baseline(torch, device, cuda)
+    times = _timed_calls(step, zero_grad, sync, task)
+    peak = _peak_bytes(torch, device, cuda, base, rss_reset, step, zero_grad)
     return {
         'time_ms': statistics.median(times) * 1e3,
         'iters': len(times),

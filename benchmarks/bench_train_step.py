@@ -28,7 +28,7 @@ from timm.optim import create_optimizer_v2
 from timm.task import ClassificationTask
 
 import carrot_zzz  # noqa: F401  registers the `<arch>_zzz` models
-from carrot_zzz.train_task import CarrotClassificationTask
+from carrot_zzz.regularised_task import CarrotClassificationTask
 
 
 def parse():
@@ -82,14 +82,8 @@ def build(kind, args, device):
     return task, opt
 
 
-def main():
-    args = parse()
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+def batch(args, device: torch.device):
+    """(images (B, 3, H, W), labels (B,)), seeded: P x K labels (B / K classes, K images each) or uniform ones."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
     if args.channels_last:
@@ -100,11 +94,13 @@ def main():
         y = classes.repeat_interleave(k)
     else:
         y = torch.randint(args.num_classes, (args.batch_size,), generator=g)
-    y = y.to(device)
-    amp = (lambda: torch.autocast(device.type, dtype=getattr(torch, args.amp_dtype))) if args.amp else nullcontext
+    return x, y.to(device)
 
-    kinds = args.variants.split(',')
-    variants = {kind: build(kind, args, device) for kind in kinds}
+
+def step_times(args, device: torch.device, variants: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Seconds of each measured step per variant, the variants alternating step by step (a shared machine's load
+    hits them alike); `--warmup` steps each first."""
+    amp = (lambda: torch.autocast(device.type, dtype=getattr(torch, args.amp_dtype))) if args.amp else nullcontext
 
     def step(task, opt):
         with amp():
@@ -119,31 +115,51 @@ def main():
 
     times = {k: [] for k in variants}
     for i in range(args.warmup + args.iters):
-        for kind, (task, opt) in variants.items():  # alternate: shared-machine load hits both alike
+        for kind, (task, opt) in variants.items():
             sync()
             t0 = time.perf_counter()
             step(task, opt)
             sync()
             if i >= args.warmup:
                 times[kind].append(time.perf_counter() - t0)
+    return times
 
-    base = kinds[0]
+
+def summary(args, device: torch.device, times: dict, base: str) -> dict:
+    """The JSON result: the run's settings and, per variant, median / min ms and the overheads against `base`."""
     med = {k: statistics.median(v) for k, v in times.items()}
     fast = {k: min(v) for k, v in times.items()}
-    result = dict(
+    return dict(
         model=args.model, device=str(device), batch_size=args.batch_size, num_classes=args.num_classes,
         img_size=args.img_size, zzz_rank=args.zzz_rank, sampler=args.sampler,
-        amp=args.amp and args.amp_dtype, torchcompile=args.torchcompile, threads=torch.get_num_threads(), iters=args.iters, baseline=base,
+        amp=args.amp and args.amp_dtype, torchcompile=args.torchcompile, threads=torch.get_num_threads(),
+        iters=args.iters, baseline=base,
         variants={k: dict(
             median_ms=round(1e3 * med[k], 2), min_ms=round(1e3 * fast[k], 2),
             overhead_pct=round(100.0 * (med[k] / med[base] - 1.0), 2),
             overhead_min_pct=round(100.0 * (fast[k] / fast[base] - 1.0), 2),
             overhead_paired_pct=round(100.0 * (statistics.median(
                 t / t_base for t, t_base in zip(times[k], times[base])) - 1.0), 2),
-            all_ms=[round(1e3 * t, 1) for t in times[k]]) for k in kinds},
+            all_ms=[round(1e3 * t, 1) for t in times[k]]) for k in times},
     )
+
+
+def main():
+    args = parse()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    x, y = batch(args, device)
+    kinds = args.variants.split(',')
+    variants = {kind: build(kind, args, device) for kind in kinds}
+    base = kinds[0]
+    result = summary(args, device, step_times(args, device, variants, x, y), base)
     print(f"{args.model} on {device} (batch {args.batch_size}, {args.num_classes} classes, {args.img_size} px, "
-          f"amp {result['amp']}, {args.sampler} labels, compile {args.torchcompile}, {args.iters} steps each, alternating)")
+          f"amp {result['amp']}, {args.sampler} labels, compile {args.torchcompile}, {args.iters} steps each, "
+          f"alternating)")
     for k, v in result['variants'].items():
         print(f"  {k:>14}: {v['median_ms']:8.1f} ms/step median, {v['min_ms']:8.1f} min   "
               f"vs {base}: {v['overhead_pct']:+6.1f}% median, {v['overhead_min_pct']:+6.1f}% min, "

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Eval forward of the ZZZ head: the inference form (eval mode, torch.no_grad) against the training form under
-torch.no_grad, same head and features, CPU or CUDA.
+"""Eval forward of the ZZZ head: its fold (FoldedZZZHead, what validate.py and inference.py predict with) against
+the head itself under torch.no_grad, same head and features, CPU or CUDA.
 
     python benchmarks/bench_zzz_eval.py                 # (B, C, d, r) = (256, 1000, 2048, 8) and (64, 200, 768, 8)
     python benchmarks/bench_zzz_eval.py --quick         # tiny smoke run
 
 Time: `--warmup` calls, then the median of `--iters` calls of each form, the two forms alternating call by
 call (a shared machine's load hits both alike), torch.cuda.synchronize on CUDA; threads: torch's default.
-`build ms` is the one-off cost of folding the parameters (what eval() pays). `max|diff|` is the largest logit
+`build ms` is the one-off cost of folding the parameters (FoldedZZZHead(head)). `max|diff|` is the largest logit
 difference between the two forms, over the largest |logit|.
 """
 import argparse
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from carrot_zzz import ZZZHead
+from carrot_zzz import FoldedZZZHead, ZZZHead
 
 CONFIGS = [(256, 1000, 2048, 8), (64, 200, 768, 8)]
 QUICK = [(8, 10, 32, 4), (8, 10, 32, 0)]
@@ -51,12 +51,11 @@ def compare(B: int, C: int, d: int, r: int, warmup: int, iters: int, device: tor
             head.v_raw.normal_()
     feats = torch.randn(B, d, device=device)
     with torch.no_grad():
-        reference = head(feats)                                                 # training mode: the exact form
-        build_ms, = _median_ms([lambda: head.inference_form(torch.float32)], 1, 3, device)
-        head.eval()
-        diff = ((head(feats) - reference).abs().max() / reference.abs().max()).item()
-        training_form = lambda: head.log_likelihood(feats) + head.bias         # what training mode's forward runs
-        training_ms, inference_ms = _median_ms([training_form, lambda: head(feats)], warmup, iters, device)
+        reference = head(feats)                                                 # the head: the exact form
+        build_ms, = _median_ms([lambda: FoldedZZZHead(head)], 1, 3, device)
+        folded = FoldedZZZHead(head)
+        diff = ((folded(feats) - reference).abs().max() / reference.abs().max()).item()
+        training_ms, inference_ms = _median_ms([lambda: head(feats), lambda: folded(feats)], warmup, iters, device)
     return dict(B=B, C=C, d=d, r=r, training_ms=training_ms, inference_ms=inference_ms, build_ms=build_ms,
                 speedup=training_ms / inference_ms, rel_diff=diff)
 
@@ -71,7 +70,7 @@ def main() -> None:
     device = torch.device(args.device)
     configs, warmup, iters = (QUICK, 1, 3) if args.quick else (CONFIGS, args.warmup, args.iters)
     print(f'device {device}, {torch.get_num_threads()} threads, median of {iters} eval forward calls (no_grad)')
-    print('| (B, C, d, r) | training form ms | inference form ms | speed-up | build ms | max|diff| / max|logit| |')
+    print('| (B, C, d, r) | head ms | folded ms | speed-up | build ms | max|diff| / max|logit| |')
     print('|---|---|---|---|---|---|')
     for B, C, d, r in configs:
         row = compare(B, C, d, r, warmup, iters, device)

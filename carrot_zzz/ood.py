@@ -84,7 +84,6 @@ class OODScorer:
         ZZZHead.mahalanobis up to the rounding of the logits (float32: about 1e-7 of |log|Sigma_c||)."""
         head = self.head
         with torch.no_grad():
-            v, sigma2 = head.variances(torch.float64), head.sigma2(torch.float64)
-            logdet = head.feat_dim * torch.log(sigma2) + torch.log1p(v / sigma2).sum(-1)            # (C,)
+            logdet = head.log_determinants(torch.float64)                                          # (C,)
             offset = self._columns(head.bias.detach().double() * 2 - logdet).to(logits.device)
         return offset - 2 * logits

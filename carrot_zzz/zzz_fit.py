@@ -45,6 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .data.holdout import stratified_holdout
 from .fit_inputs import check_labelled
 from .softplus import inverse_softplus_above
 from .temperature import fit_inverse_temperature, nll_derivatives
@@ -205,21 +206,6 @@ def _mahalanobis(x: torch.Tensor, means: torch.Tensor, basis: torch.Tensor, v: t
     return torch.cat(out, 1)
 
 
-def _carve_holdout(labels: torch.Tensor, num_classes: int, fraction: float,
-                   seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(fit_rows, holdout_rows): floor(fraction * n_c) samples of each class held out, chosen by a permutation
-    seeded with `seed` (CPU generator: the same choice on every device)."""
-    generator = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(labels.numel(), generator=generator).to(labels.device)
-    grouped = perm[torch.argsort(labels[perm], stable=True)]                 # by class, random within a class
-    counts = torch.bincount(labels, minlength=num_classes)
-    starts = torch.cumsum(counts, 0) - counts
-    grouped_labels = labels[grouped]
-    position = torch.arange(labels.numel(), device=labels.device) - starts[grouped_labels]
-    held = position < torch.floor(fraction * counts.double()).long()[grouped_labels]
-    return grouped[~held], grouped[held]
-
-
 def _seeded_subset(index: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
     """At most `limit` entries of index, a seeded random choice."""
     if index.numel() <= limit:
@@ -270,9 +256,6 @@ def _write_zzz(head, fit: Dict[str, torch.Tensor], tau: float, prior_bias: bool,
                                    fit['basis'][start:start + block].transpose(1, 2).to(head.A))
             head.v_raw.index_copy_(0, classes, inverse_softplus_above(v, head.v_min).to(head.v_raw))
         head.bias.index_copy_(0, classes, _written_bias(fit, head.v_min, tau, prior_bias, calibrate).to(head.bias))
-    refresh = getattr(head, '_parameters_changed', None)   # the head's eval-mode form, rebuilt from the new values
-    if refresh is not None:
-        refresh()
     return sigma2.item(), below
 
 
@@ -295,7 +278,7 @@ def _temperature_split(head, feats: torch.Tensor, labels: torch.Tensor, holdout,
     """(rows the Gaussians are fitted on, held-out features, their labels, their rows): a pair given as holdout, or
     a part carved from feats (see fit_zzz_head)."""
     if holdout is None:
-        fit_rows, held_rows = _carve_holdout(labels, head.num_classes, holdout_fraction, seed)
+        fit_rows, held_rows = (rows.to(labels.device) for rows in stratified_holdout(labels, holdout_fraction, seed))
         if held_rows.numel() == 0:
             raise ValueError(f'{_WHAT}: no class has the {math.ceil(1 / holdout_fraction)} samples needed to carve '
                              f'a holdout at holdout_fraction={holdout_fraction}; pass holdout=(feats, labels), a '
@@ -338,7 +321,8 @@ def fit_zzz_head(head, feats: torch.Tensor, labels: torch.Tensor,
         feats: (N, d) pooled embeddings, any scale (normalised here, as in the head); labels: (N,) in [0, C).
         holdout: optional (feats_h, labels_h) for the temperature; the fit then uses all of feats. Without it
             (and temperature=True) a class-stratified part is carved from feats: floor(holdout_fraction * n_c)
-            samples of each class, chosen by a permutation seeded with `seed`; the Gaussians are fitted on the
+            samples of each class, at most n_c - 1, chosen with `seed` as train.py's --holdout-fraction chooses
+            (carrot_zzz.data.holdout.stratified_holdout); the Gaussians are fitted on the
             rest, tau is fitted on the carved part, and with refit=True (default) the Gaussians are refitted on
             all of feats and the same tau is applied to that fit (tau is a ratio to the generative variance).
         temperature: False skips tau (tau = 1) and uses all of feats.

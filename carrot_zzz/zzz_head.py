@@ -15,17 +15,10 @@ so the whole head is two matrix products against (d, C) and (d, C r) weights and
 no (B, C, d) tensor, no d x d inverse or determinant, no host sync.
 Rank 0 is the same code with an empty basis: alpha ||x - m_c||^2 + d log sigma^2, a cosine classifier.
 
-Inference form (eval mode with no gradient for the parameters, and always in eval mode under torch.jit.trace
-or torch.export): the logits are a fixed function of x, so the parameters are folded once into
-
-    logit_c = (alpha m_c.x + b_c) + sum_k (s_ck U_ck.x - s_ck U_ck.m_c)^2 - alpha/2 ||x||^2
-    s_ck^2  = alpha^2 v_ck / (2 (1 + alpha v_ck)),   b_c = -1/2 (alpha ||m_c||^2 + log|Sigma_c|) + bias_c
-
-one matrix product against a (C + C r, d) weight plus elementwise work (ZZZHead.inference_form): no
-factorisation left, so both ONNX exporters translate it, and it is the faster eval path. The folded tensors
-are plain attributes (never in the state_dict, never pickled), rebuilt when the parameters change.
+For evaluation and export the head folds into one (C + C r, d) matrix product with no factorisation left:
+carrot_zzz.folded_head (FoldedZZZHead, fold_heads, folded_heads), an explicit snapshot of the logits. The head
+itself always computes the form above; traced for export it stops with one line naming fold_heads.
 """
-import contextlib
 import math
 
 import torch
@@ -36,7 +29,7 @@ from .zzz_fit import fit_zzz_head
 from .softplus import inverse_softplus_above
 
 
-def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """float32, or float64 when any input is float64: half precision cancels in the expanded form."""
     out = torch.float32
     for dtype in dtypes:
@@ -93,15 +86,6 @@ def _class_columns(A: torch.Tensor) -> torch.Tensor:
     return A.new_empty(d, C, r).copy_(A.permute(1, 0, 2)).view(d, C * r)
 
 
-# plain attributes holding the inference form (weight, bias, half_alpha) and what it was built from
-_INFERENCE_ATTRS = ('_inference_weight', '_inference_bias', '_inference_half_alpha', '_inference_key')
-
-
-def _autocast_off(device_type: str):
-    """A region with autocast disabled; no context at all when autocast is off (what an exporter traces)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _is_traced() -> bool:
@@ -129,6 +113,11 @@ def _orthonormalising_factor(A: torch.Tensor, gram: torch.Tensor) -> torch.Tenso
     return inv_r.to(A.dtype)
 
 
+def _log_determinants(d: int, v: torch.Tensor, sigma2: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """log|Sigma_c| (C,) = d log sigma^2 + sum_k log1p(alpha v_ck) for v (C, r), sigma2 () and alpha = 1 / sigma2."""
+    return d * torch.log(sigma2) + torch.log1p(alpha * v).sum(-1)
+
+
 class ZZZHead(nn.Module):
     """Gaussian classifier head; the logits are class log-likelihoods plus a bias.
 
@@ -146,13 +135,8 @@ class ZZZHead(nn.Module):
     inputs) with autocast disabled inside, and returns logits in that dtype (float32 for float32, bf16 or fp16
     features): the dtype timm's losses compute softmax / cross-entropy in under autocast anyway.
 
-    Eval mode: forward uses the inference form (see inference_form) when no gradient reaches the parameters
-    (torch.no_grad / inference_mode, or parameters with requires_grad=False) and whenever the model is traced
-    for export; otherwise the exact training form. The form is rebuilt on eval(), .to(), load_state_dict and
-    parameter assignment, and before a forward after any in-place write that bumps the parameters' version
-    counters (optimizers, EMA updates, copy_ under torch.no_grad). Writes that bypass those counters (through
-    `.data`, or fused optimizers such as AdamW(fused=True) while the head is in eval mode) are not seen:
-    call eval() again after them.
+    Inference: carrot_zzz.fold_heads(model) / `with folded_heads(model):` replace the head by its folded
+    form (FoldedZZZHead): the same logits as one matrix product, the form the ONNX exporters translate.
     """
 
     def __init__(
@@ -177,7 +161,6 @@ class ZZZHead(nn.Module):
         self.rank = rank
         self.v_min = v_min
         self.sigma2_min = sigma2_min
-        self._drop_inference_form()
 
         self.mu = nn.Parameter(torch.randn(num_classes, feat_dim) * 0.02)
         if rank > 0:
@@ -226,6 +209,11 @@ class ZZZHead(nn.Module):
         """sigma^2 () = softplus(sigma2_raw) + sigma2_min: the isotropic variance shared by all classes."""
         return F.softplus(self.sigma2_raw.to(dtype)) + self.sigma2_min
 
+    def log_determinants(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """log|Sigma_c| (C,) = d log sigma^2 + sum_k log1p(v_ck / sigma^2) (matrix determinant lemma)."""
+        sigma2 = self.sigma2(dtype)
+        return _log_determinants(self.feat_dim, self.variances(dtype), sigma2, 1.0 / sigma2)
+
     def _check_features(self, feats: torch.Tensor) -> None:
         if feats.ndim != 2 or feats.shape[1] != self.feat_dim:
             raise ValueError(
@@ -235,7 +223,7 @@ class ZZZHead(nn.Module):
     def _distance_and_logdet(self, feats: torch.Tensor):
         """(delta^T Sigma_c^-1 delta (B, C), log|Sigma_c| (C,)) in closed form, float32 (float64 for float64 input)."""
         self._check_features(feats)
-        dtype = _compute_dtype(feats.dtype, self.mu.dtype)
+        dtype = compute_dtype(feats.dtype, self.mu.dtype)
         with torch.autocast(device_type=feats.device.type, enabled=False):
             x = F.normalize(feats.to(dtype), dim=1)                         # (B, d)
             m = F.normalize(self.mu.to(dtype), dim=1)                       # (C, d)
@@ -253,8 +241,7 @@ class ZZZHead(nn.Module):
             shrink = alpha * alpha * v / (1.0 + alpha * v)                  # (C, r)
             woodbury = (t.square() @ shrink.unsqueeze(2)).squeeze(2)        # (C, B): sum_k t_k^2 shrink_k
             distance = alpha * dist2 - woodbury.T                           # (B, C)
-            logdet = A.shape[1] * torch.log(sigma2) + torch.log1p(alpha * v).sum(-1)  # (C,)
-            return distance, logdet
+            return distance, _log_determinants(A.shape[1], v, sigma2, alpha)  # (B, C), (C,)
 
     def mahalanobis(self, feats: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distances (B, C), (x - m_c)^T Sigma_c^-1 (x - m_c) for x = normalize(feats):
@@ -278,7 +265,7 @@ class ZZZHead(nn.Module):
         of log|Sigma_c| it adds), so P_v is a Gaussian prior on it centred at 0 (v = 0): scale-free, zero
         gradient at v = 0, and it bounds v's growth. A mean over classes, so that a weight means the same whatever
         the class count. float32 (float64 head: float64); 0 at rank 0."""
-        dtype = _compute_dtype(self.mu.dtype)
+        dtype = compute_dtype(self.mu.dtype)
         v = self.variances(dtype)                                                   # (C, r)
         return torch.log1p(v / self.sigma2(dtype).detach()).square().sum() / self.num_classes
 
@@ -289,160 +276,18 @@ class ZZZHead(nn.Module):
 
         the energy of the class mean direction inside the class's own variance subspace, averaged over classes
         (in [0, 1]). U_c^T m_c = M_c^T A_c^T m_c (basis_factors): U is never formed. 0 at rank 0."""
-        dtype = _compute_dtype(self.mu.dtype)
+        dtype = compute_dtype(self.mu.dtype)
         m = F.normalize(self.mu.to(dtype), dim=1)                                   # (C, d)
         A, inv_r = self.basis_factors(dtype)                                        # (C, d, r), (C, r, r)
         inside = (m.unsqueeze(1) @ A @ inv_r).squeeze(1)                            # (C, r) = (U_c^T m_c)^T
         return inside.square().sum() / self.num_classes
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C) = log_likelihood(feats) + bias; the same function through the inference form in eval
-        mode when no gradient reaches the parameters (see the class docstring)."""
-        dtype = _compute_dtype(feats.dtype, self.mu.dtype)
-        if self._uses_inference_form():
-            self._check_features(feats)
-            return self._inference_logits(feats, dtype)
-        return self.log_likelihood(feats) + self.bias.to(dtype)
-
-    # --- inference form -----------------------------------------------------------------------------
-    def inference_form(self, dtype: torch.dtype = torch.float32):
-        """(weight (C + C r, d), bias (C + C r,), half_alpha ()): the head folded for inference, in `dtype`.
-
-        With x = normalize(feats) and [lin (B, C) | quad (B, C r)] = x @ weight^T + bias:
-
-            logits = lin - half_alpha ||x||^2 + sum_k quad[:, c r + k]^2              (B, C)
-            row c of weight:       alpha m_c     bias  -1/2 (alpha ||m_c||^2 + log|Sigma_c|) + bias_c
-            row C + c r + k:       s_ck U_ck     bias  -s_ck U_ck.m_c
-            s_ck^2 = alpha^2 v_ck / (2 (1 + alpha v_ck)),   half_alpha = alpha / 2
-
-        which is the training form -1/2 (alpha ||x - m_c||^2 - sum_k 2 s_ck^2 (U_ck.(x - m_c))^2 + log|Sigma_c|)
-        + bias_c expanded. U comes from basis(dtype); no r x r factorisation is left for the forward.
-        """
-        C, d, r = self.num_classes, self.feat_dim, self.rank
-        m = F.normalize(self.mu.to(dtype), dim=1)                                    # (C, d)
-        v = self.variances(dtype)                                                    # (C, r)
-        sigma2 = self.sigma2(dtype)                                                  # ()
-        alpha = 1.0 / sigma2
-        logdet = d * torch.log(sigma2) + torch.log1p(alpha * v).sum(-1)              # (C,)
-        lin_bias = -0.5 * (alpha * (m * m).sum(1) + logdet) + self.bias.to(dtype)   # (C,)
-        scale = (0.5 * alpha * alpha * v / (1.0 + alpha * v)).sqrt()                 # (C, r)
-        quad_weight = (self.basis(dtype) * scale.unsqueeze(1)).transpose(1, 2)       # (C, r, d)
-        quad_bias = -(quad_weight @ m.unsqueeze(2)).reshape(C * r)                   # (C r,)
-        weight = torch.cat([alpha * m, quad_weight.reshape(C * r, d)])              # (C + C r, d)
-        return weight, torch.cat([lin_bias, quad_bias]), 0.5 * alpha
-
-    def _uses_inference_form(self) -> bool:
-        """Eval mode and no gradient for the parameters; in eval mode always when traced for export."""
-        if self.training:
-            return False
+        """Logits (B, C) = log_likelihood(feats) + bias."""
         if _is_traced():
-            return True
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
-
-    def _inference_logits(self, feats: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Logits (B, C) from the stored inference form: one (B, d) x (d, C + C r) product, then elementwise."""
-        weight, bias, half_alpha = self._current_inference_form(dtype)
-        C, r = self.num_classes, self.rank
-        with _autocast_off(feats.device.type):
-            x = F.normalize(feats.to(dtype), dim=1)                                  # (B, d)
-            scores = F.linear(x, weight, bias)                                       # (B, C + C r)
-            logits = scores[:, :C] - half_alpha * (x * x).sum(1, keepdim=True)       # (B, C)
-            if r:
-                logits = logits + scores[:, C:].square().unflatten(1, (C, r)).sum(2)
-            return logits
-
-    def _current_inference_form(self, dtype: torch.dtype):
-        """The stored (weight, bias, half_alpha), checked (and rebuilt when stale) first. Under dynamo, which
-        cannot read version counters or storage addresses: torch.compile runs the check eagerly (a graph
-        break), strict torch.export takes the form built by eval() as it is."""
-        if torch.compiler.is_dynamo_compiling():
-            if torch.compiler.is_exporting():
-                if self._inference_weight is None or self._inference_weight.dtype != dtype:
-                    self._raise_out_of_date()
-                return self._inference_weight, self._inference_bias, self._inference_half_alpha
-            return self._checked_inference_form_eagerly(dtype)
-        return self._checked_inference_form(dtype)
-
-    def _checked_inference_form(self, dtype: torch.dtype):
-        """The stored form, rebuilt first when stale. A trace sees the tensors as constants (ONNX initialisers);
-        a stale form cannot be rebuilt inside a trace (the rebuild would be traced, factorisations included)."""
-        if not self._inference_form_is_fresh(dtype):
-            if _is_traced():
-                self._raise_out_of_date()
-            self._build_inference_form(dtype)
-        return self._inference_weight, self._inference_bias, self._inference_half_alpha
-
-    _checked_inference_form_eagerly = torch.compiler.disable(_checked_inference_form)
-
-    @staticmethod
-    def _raise_out_of_date():
-        raise ValueError(
-            "ZZZHead: the weights changed after model.eval() (or the input dtype differs from the weights'), so "
-            "the inference form is out of date inside this trace; call model.eval() right before exporting")
-
-    def _inference_form_is_fresh(self, dtype: torch.dtype) -> bool:
-        """Whether the stored form was built in `dtype` from the parameters as they are: the same tensors, on
-        the same storage (the build keeps that storage alive, so its address is not reused), with the same
-        version counters (no in-place write since). Under torch.export the module holds fake parameters:
-        the real ones recorded at build time are checked instead."""
-        key = self._inference_key
-        if key is None or key[:3] != (dtype, self.v_min, self.sigma2_min):
-            return False
-        recorded = key[3]
-        current = [p for p, _, _ in recorded] if torch.compiler.is_exporting() else list(self.parameters())
-        return len(current) == len(recorded) and all(
-            now is p and now.data_ptr() == storage.data_ptr() and now._version == version
-            for now, (p, storage, version) in zip(current, recorded))
-
-    def _build_inference_form(self, dtype: torch.dtype) -> None:
-        params = list(self.parameters())
-        # ordinary tensors even when called inside inference_mode (inference_mode(False) turns grad mode back on)
-        with torch.inference_mode(False), torch.no_grad(), _autocast_off(self.mu.device.type):
-            weight, bias, half_alpha = self.inference_form(dtype)
-        self._inference_weight, self._inference_bias, self._inference_half_alpha = weight, bias, half_alpha
-        self._inference_key = (dtype, self.v_min, self.sigma2_min, tuple((p, p.detach(), p._version) for p in params))
-
-    def _drop_inference_form(self) -> None:
-        for name in _INFERENCE_ATTRS:
-            setattr(self, name, None)
-
-    def _parameters_changed(self) -> None:
-        """Training mode (or meta parameters): drop the inference form. Eval mode: make sure it is up to date
-        now, so that an exporter, which cannot rebuild it inside its trace, finds it; in the parameters' compute
-        dtype, or float64 when the stored form is (float64 features on a float32 head)."""
-        if self.training or any(p.is_meta for p in self.parameters()):
-            self._drop_inference_form()
-            return
-        stored = self._inference_weight
-        dtype = _compute_dtype(self.mu.dtype, *([stored.dtype] if stored is not None else []))
-        if not self._inference_form_is_fresh(dtype):
-            self._build_inference_form(dtype)
-
-    def train(self, mode: bool = True) -> 'ZZZHead':
-        super().train(mode)
-        self._parameters_changed()
-        return self
-
-    def _apply(self, fn, recurse: bool = True) -> 'ZZZHead':
-        super()._apply(fn, recurse)
-        self._parameters_changed()
-        return self
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._parameters_changed()
-
-    def register_parameter(self, name: str, param) -> None:
-        super().register_parameter(name, param)
-        self._parameters_changed()
-
-    def __getstate__(self) -> dict:
-        """Pickling and deepcopy leave the inference form out: it is rebuilt from the parameters."""
-        return {**super().__getstate__(), **dict.fromkeys(_INFERENCE_ATTRS)}
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__({**dict.fromkeys(_INFERENCE_ATTRS), **state})
-        self._parameters_changed()
+            raise ValueError('ZZZHead: fold the head before exporting: carrot_zzz.fold_heads(model) (its Cholesky '
+                             'factorisation has no ONNX translation; the folded head is one matrix product)')
+        return self.log_likelihood(feats) + self.bias.to(compute_dtype(feats.dtype, self.mu.dtype))
 
     def divide_logits(self, temperature: float) -> bool:
         """Fold a logit temperature T into the parameters in place: afterwards forward(x) = old forward(x) / T.
@@ -460,14 +305,13 @@ class ZZZHead(nn.Module):
         beta = 1.0 / temperature
         with torch.no_grad():
             v, sigma2 = self.variances(torch.float64), self.sigma2(torch.float64)
-            logdet = self.feat_dim * torch.log(sigma2) + torch.log1p(v / sigma2).sum(-1)          # (C,)
+            logdet = self.log_determinants(torch.float64)                                       # (C,)
             bias = beta * self.bias.double() + (1 - beta) * logdet / 2 + self.feat_dim * math.log(temperature) / 2
             floored = bool(temperature * sigma2 < self.sigma2_min) or bool((temperature * v < self.v_min).any())
             self.sigma2_raw.copy_(inverse_softplus_above(temperature * sigma2, self.sigma2_min))
             if self.rank:
                 self.v_raw.copy_(inverse_softplus_above(temperature * v, self.v_min))
             self.bias.copy_(bias)
-        self._parameters_changed()
         return floored
 
     def init_from_features(self, feats: torch.Tensor, labels: torch.Tensor, holdout=None, **kwargs) -> dict:

@@ -110,7 +110,7 @@ def test_non_finite_or_negative_rates_are_refused_up_front(flags, message):
 def test_a_nan_loss_stops_the_run_and_keeps_the_finite_checkpoints(data_dir, tmp_path, monkeypatch):
     """From epoch 1 on the task returns a NaN loss: the run stops at the next log line with the step and the loss
     terms, without writing a checkpoint of it; last.pth.tar and model_best stay at epoch 0, finite."""
-    from carrot_zzz.train_task import CarrotClassificationTask
+    from carrot_zzz.regularised_task import CarrotClassificationTask
     real = CarrotClassificationTask.forward
     calls = {'n': 0}
 

@@ -156,7 +156,7 @@ def test_onnx_gives_the_same_table(folders, tmp_path, one_thread):
     pytest.importorskip('onnxruntime')
     pytest.importorskip('onnx')
     import timm
-    from carrot_zzz import load_weights
+    from carrot_zzz import fold_heads, load_weights
     folder = train.main([folders['seen'], *BASE, '--model', 'test_resnet', '--head', 'zzz', '--zzz-rank', '2',
                          '--epochs', '1', '--holdout-fraction', '0.25', '--output', str(tmp_path), '--experiment', 'r'])
     ckpt = os.path.join(folder, 'model_best.safetensors')
@@ -165,7 +165,7 @@ def test_onnx_gives_the_same_table(folders, tmp_path, one_thread):
     model.eval()
     x = torch.randn(1, 3, 32, 32)
     path = str(tmp_path / 'model.onnx')
-    torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=['x'],
+    torch.onnx.export(fold_heads(model), (x,), path, dynamo=False, opset_version=17, input_names=['x'],
                       output_names=['logits'], dynamic_axes={'x': {0: 'batch'}, 'logits': {0: 'batch'}})
     common = ['--model', 'test_resnet', '--topk', '2', '--include-index', '--reject-unknown']
     eager = _infer(folders['seen'], ckpt, tmp_path, *common)

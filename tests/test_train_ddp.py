@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from carrot_zzz import carrot_regularizer
-from carrot_zzz.train_task import CarrotClassificationTask
+from carrot_zzz.regularised_task import CarrotClassificationTask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -80,23 +80,40 @@ def test_carrot_scope_under_ddp(tmp_path, scope):
         assert res[0]['R'] != pytest.approx(single_process()[0], rel=1e-3)
 
 
-def test_torchrun_two_processes(tmp_path, image_folder):
-    from test_train import BASE
-    data = image_folder(tmp_path / 'data')
-    wrapper = tmp_path / 'run_train.py'
+def torchrun(tmp_path, script, argv, timeout=300):
+    """`torchrun --standalone --nproc_per_node 2 <script>.py argv` on the CPU (one thread per process), run in
+    tmp_path through a wrapper that puts the repository first on sys.path; returns the CompletedProcess."""
+    wrapper = tmp_path / f'run_{script}.py'
     wrapper.write_text(textwrap.dedent(f'''
         import sys
         sys.path[:0] = [{ROOT!r}]
-        import train
-        train.main()
+        import {script}
+        {script}.main()
     '''))
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(WORLD),
+         str(wrapper), *argv], capture_output=True, text=True, timeout=timeout, env=env, cwd=str(tmp_path))
+
+
+def test_a_setting_error_is_one_line_once(tmp_path):
+    """A wrong setting every process meets (here a data folder that does not exist) prints its line once."""
+    from test_train import BASE
+    proc = torchrun(tmp_path, 'train', [str(tmp_path / 'missing'), *BASE, '--model', 'test_resnet', '--output',
+                                        str(tmp_path)])
+    out = proc.stdout + proc.stderr
+    lines = [line for line in out.splitlines() if line.startswith('train.py: error:')]
+    assert proc.returncode != 0 and len(lines) == 1 and 'missing' in lines[0], out[-3000:]
+    assert 'Traceback' not in out.split(lines[0])[0], out[-3000:]
+
+
+def test_torchrun_two_processes(tmp_path, image_folder):
+    from test_train import BASE
+    data = image_folder(tmp_path / 'data')
     argv = [data, *BASE, '--model', 'test_resnet', '--batch-size', '8', '--epochs', '2', '--output', str(tmp_path),
             '--experiment', 'ddp', '--head', 'zzz', '--zzz-rank', '2', '--carrot', '--carrot-scope', 'global',
             '--sampler', 'pk', '--samples-per-class', '4', '--grad-accum-steps', '2', '--head-init', 'data']
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(WORLD),
-         str(wrapper), *argv], capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    proc = torchrun(tmp_path, 'train', argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / 'ddp'
     with open(out / 'summary.csv') as f:

@@ -1,6 +1,7 @@
-"""ZZZHead's inference form: eval logits equal the training form's (and the naive dense formula's), the form
-follows every change of the parameters, checkpoints keep their keys, and whole _zzz models export to ONNX with
-both exporters (onnxruntime gives the eager logits)."""
+"""The folded ZZZ head (carrot_zzz.folded_head): its logits equal the training form's (and the naive dense
+formula's) with no factorisation, the head itself keeps no cached form that could go stale, checkpoints keep
+their keys, and whole _zzz models export to ONNX with both exporters once folded (onnxruntime gives the eager
+logits)."""
 import copy
 import io
 
@@ -12,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import timm
 from timm.utils import ModelEmaV3
 
-from carrot_zzz import ZZZHead, save_weights
+from carrot_zzz import FoldedZZZHead, ZZZHead, fold_heads, folded_heads, save_weights
 from carrot_zzz.weights import read_weights
 from test_zzz_head import make_head, naive_logits
 
@@ -33,25 +34,30 @@ class _OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def eval_logits(head, feats):
-    """head(feats) in eval mode without gradients, and whether that forward factorised anything."""
-    head.eval()
+def folded_logits(head, feats, dtype=None):
+    """The fold of head applied to feats without gradients, and whether that forward factorised anything."""
+    folded = FoldedZZZHead(head, dtype)
     with torch.no_grad(), _OpNames() as ops:
-        out = head(feats)
+        out = folded(feats)
     return out, bool(ops.names & FACTORISATIONS)
 
 
+def eval_logits(head, feats):
+    """head(feats) in eval mode without gradients."""
+    with torch.no_grad():
+        return head.eval()(feats)
+
+
 def fresh_copy(head):
-    """A newly built head of the same configuration holding the same parameter values (nothing cached)."""
+    """A newly built head of the same configuration holding the same parameter values."""
     fresh = ZZZHead(head.num_classes, head.feat_dim, head.rank, head.v_min, head.sigma2_min).to(head.mu.dtype)
     fresh.load_state_dict(head.state_dict())
     return fresh
 
 
 def assert_same_logits(head, feats):
-    """head's eval logits equal those of a freshly built head with its parameters (a stale form would not)."""
-    ours, _ = eval_logits(head, feats)
-    ref, _ = eval_logits(fresh_copy(head), feats)
+    """head's eval logits equal those of a freshly built head with its parameters (a stale cache would not)."""
+    ours, ref = eval_logits(head, feats), eval_logits(fresh_copy(head), feats)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6 * ref.abs().max().item())
 
 
@@ -59,95 +65,120 @@ CASES = [(5, 7, 6, 0), (5, 7, 6, 1), (5, 7, 6, 3), (4, 3, 5, 5), (6, 1, 4, 2), (
 
 
 @pytest.mark.parametrize('B,C,d,r', CASES)
-def test_eval_logits_equal_naive_float64(B, C, d, r):
+def test_folded_logits_equal_naive_float64(B, C, d, r):
     head = make_head(C, d, r)
     feats = torch.randn(B, d, dtype=torch.float64) * 3
     ref = naive_logits(head, feats).detach()
     training = head(feats).detach()
-    out, factorised = eval_logits(head, feats)
+    out, factorised = folded_logits(head, feats)
     assert not factorised and out.dtype == torch.float64
     torch.testing.assert_close(out, ref, rtol=1e-8, atol=1e-8 * ref.abs().max().item())
     torch.testing.assert_close(out, training, rtol=1e-10, atol=1e-10 * training.abs().max().item())
+    distance, ref_distance = FoldedZZZHead(head).mahalanobis(feats), head.mahalanobis(feats).detach()
+    torch.testing.assert_close(distance, ref_distance, rtol=1e-10, atol=1e-10 * ref.abs().max().item())
 
 
 # rank == d with a Gaussian A (cond ~ 1e4) is left out: float32 Cholesky QR loses orthonormality there (about
 # u cond^2, see ZZZHead.basis_factors), in both forms alike
 @pytest.mark.parametrize('B,C,d,r', [case for case in CASES if case[2] != case[3]] + [(16, 200, 96, 8)])
-def test_eval_logits_equal_training_form_float32(B, C, d, r):
+def test_folded_logits_equal_training_form_float32(B, C, d, r):
     head = make_head(C, d, r).float()
     feats = torch.randn(B, d) * 3
     training = head(feats).detach()
-    out, factorised = eval_logits(head, feats)
+    out, factorised = folded_logits(head, feats)
     assert not factorised and out.dtype == torch.float32
     # float32 round-off of logits of this size (both forms expand ||x - m||^2)
     torch.testing.assert_close(out, training, rtol=1e-5, atol=1e-5 * training.abs().max().item())
 
 
-def test_float64_features_on_float32_head_computed_in_float64():
+def test_float64_features_computed_in_float64():
     head = make_head(20, 16, 4).float()
     feats = torch.randn(6, 16, dtype=torch.float64)
     training = head(feats).detach()
-    eval_logits(head, feats)                  # eval() built the float32 form; this call builds the float64 one
-    out, factorised = eval_logits(head, feats)
-    assert not factorised and out.dtype == torch.float64
+    out, _ = folded_logits(head, feats, torch.float64)        # a float64 fold of a float32 head: exact
+    assert out.dtype == torch.float64
     torch.testing.assert_close(out, training, rtol=1e-10, atol=1e-10 * training.abs().max().item())
-    with torch.no_grad():   # and back to float32 features: the float32 form again
-        torch.testing.assert_close(head(feats.float()), out.float(), rtol=1e-5, atol=1e-5 * out.abs().max().item())
+    out32, _ = folded_logits(head, feats)                     # the float32 fold on float64 features: float64 out
+    assert out32.dtype == torch.float64
+    torch.testing.assert_close(out32, training, rtol=1e-5, atol=1e-5 * training.abs().max().item())
 
 
 def test_float32_logits_inside_bf16_autocast():
-    head = make_head(50, 32, 4).float().eval()
+    folded = FoldedZZZHead(make_head(50, 32, 4).float())
     feats = torch.randn(8, 32)
     with torch.no_grad():
-        ref = head(feats)
+        ref = folded(feats)
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            out = head(feats)
-            out_bf16_in = head(feats.bfloat16())
+            out = folded(feats)
+            out_bf16_in = folded(feats.bfloat16())
     assert out.dtype == torch.float32 and out_bf16_in.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
 
 
-def test_exact_form_whenever_the_parameters_need_gradients():
+def test_the_head_itself_always_runs_the_exact_form():
     head = make_head(9, 6, 3).float()
     feats = torch.randn(5, 6)
     training = head(feats)
     head.eval()
-    with _OpNames() as ops:     # eval mode with gradients (e.g. fine-tuning with frozen BatchNorm): exact form
+    with _OpNames() as ops:     # eval mode with gradients (e.g. fine-tuning with frozen BatchNorm)
         out = head(feats)
     assert ops.names & FACTORISATIONS
     grads = torch.autograd.grad(out.sum(), list(head.parameters()))
     ref_grads = torch.autograd.grad(training.sum(), list(head.parameters()))
     for g, g_ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
-    head.train()
-    with torch.no_grad(), _OpNames() as ops:    # training mode under no_grad: exact form too
-        head(feats)
-    assert ops.names & FACTORISATIONS
+    for mode in (True, False):
+        with torch.no_grad(), _OpNames() as ops:    # without gradients, in either mode: nothing cached
+            head.train(mode)(feats)
+        assert ops.names & FACTORISATIONS
+    assert set(vars(head)) == set(vars(fresh_copy(head)))
 
 
-def test_frozen_head_gives_feature_gradients_through_the_inference_form():
+def test_folded_head_gives_feature_gradients():
     head = make_head(9, 6, 3).float()
     feats = torch.randn(5, 6, requires_grad=True)
     weights = torch.randn(5, 9)
     (ref_grad,) = torch.autograd.grad((head(feats) * weights).sum(), feats)
-    head.eval().requires_grad_(False)
+    folded = FoldedZZZHead(head)
+    assert not list(folded.parameters())
     with _OpNames() as ops:
-        (grad,) = torch.autograd.grad((head(feats) * weights).sum(), feats)
+        (grad,) = torch.autograd.grad((folded(feats) * weights).sum(), feats)
     assert not ops.names & FACTORISATIONS
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4 * ref_grad.abs().max().item())
 
 
-def test_rebuilt_inside_inference_mode_as_ordinary_tensors():
-    """A form rebuilt under inference_mode must still serve a later forward that saves it for backward."""
-    head = make_head(9, 6, 3).float().eval()
-    with torch.no_grad():
-        head.mu.add_(1.0)
+def test_folded_inside_inference_mode_as_ordinary_tensors():
+    """A fold built under inference_mode must still serve a later forward that saves it for backward."""
+    head = make_head(9, 6, 3).float()
     with torch.inference_mode():
-        head(torch.randn(2, 6))
-    head.requires_grad_(False)
+        folded = FoldedZZZHead(head)
     feats = torch.randn(2, 6, requires_grad=True)
-    head(feats).sum().backward()
+    folded(feats).sum().backward()
     assert torch.isfinite(feats.grad).all()
+
+
+def test_a_fold_is_a_snapshot_and_folded_heads_puts_the_head_back():
+    torch.manual_seed(0)
+    model = timm.create_model('test_resnet_zzz', num_classes=6, zzz_rank=2).eval()
+    x = torch.randn(3, 3, 32, 32)
+    head = model.head
+    with torch.no_grad():
+        ref = model(x)
+        with folded_heads(model) as same:
+            assert same is model and isinstance(model.head, FoldedZZZHead)
+            assert isinstance(model.get_classifier(), FoldedZZZHead)
+            torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+            snapshot = model.head
+            head.mu.add_(1.0)                            # the fold does not follow its head
+            torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        assert model.head is head
+        with pytest.raises(RuntimeError), folded_heads(model):
+            raise RuntimeError('a failed prediction')
+        assert model.head is head
+        moved = model(x)
+        assert fold_heads(model) is model and isinstance(model.head, FoldedZZZHead) and model.head is not snapshot
+        torch.testing.assert_close(model(x), moved, rtol=1e-5, atol=1e-5 * moved.abs().max().item())
+    assert isinstance(fold_heads(head), FoldedZZZHead)
 
 
 # --- never stale -------------------------------------------------------------------------------------------
@@ -160,7 +191,7 @@ def test_rebuilt_inside_inference_mode_as_ordinary_tensors():
 def test_follows_optimizer_steps_in_eval_mode(optimizer):
     head = make_head(12, 8, 3).float()
     feats = torch.randn(6, 8)
-    eval_logits(head, feats)                 # the form is built
+    eval_logits(head, feats)
     opt = optimizer(head.parameters())
     head(feats).square().mean().backward()   # eval mode with gradients: the exact form
     opt.step()
@@ -168,7 +199,7 @@ def test_follows_optimizer_steps_in_eval_mode(optimizer):
 
 
 def test_follows_training_steps_with_a_fused_optimizer():
-    """Fused AdamW does not bump version counters; training mode drops the form, eval() rebuilds it."""
+    """Fused AdamW does not bump version counters: nothing the head computes may depend on them."""
     head = make_head(12, 8, 3).float()
     feats = torch.randn(6, 8)
     eval_logits(head, feats)
@@ -195,7 +226,7 @@ def test_follows_load_state_dict_to_and_data_assignment():
         head.sigma2_raw.copy_(torch.tensor(0.7))
     assert_same_logits(head, feats)
     head.to(torch.float64)
-    out, _ = eval_logits(head, feats.double())
+    out = eval_logits(head, feats.double())
     assert out.dtype == torch.float64
     assert_same_logits(head, feats.double())
     ref = naive_logits(head, feats.double()).detach()
@@ -206,7 +237,7 @@ def test_follows_timm_model_ema():
     model = timm.create_model('test_resnet_zzz', num_classes=6, zzz_rank=2)
     ema = ModelEmaV3(model, decay=0.5)
     feats = torch.randn(4, model.head_hidden_size)
-    eval_logits(ema.module.head, feats)      # the EMA copy's form is built
+    eval_logits(ema.module.head, feats)
     with torch.no_grad():
         for p in model.head.parameters():
             p.add_(torch.randn_like(p))
@@ -222,21 +253,16 @@ def test_checkpoints_unchanged(tmp_path):
     model.eval()
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32))
-    assert model.head._inference_weight is not None
+        with folded_heads(model):
+            assert [k for k in model.state_dict() if k.startswith('head.')] == [
+                f'head.{n}' for n in ('weight', 'offset', 'half_alpha', 'constant')]
     assert list(model.state_dict()) == keys and [n for n, _ in model.named_buffers()] == buffers
     assert list(ema.module.state_dict()) == keys
     head_keys = [f'head.{n}' for n in ('mu', 'A', 'v_raw', 'sigma2_raw', 'bias')]
     assert [k for k in keys if k.startswith('head.')] == head_keys
     state, _ = read_weights(save_weights(model, tmp_path / 'm.safetensors'))
     assert sorted(state) == sorted(keys)
-    # never pickled (whole-model torch.save); a deep copy builds its own form from its own parameters
-    pickled = {}
-    for mode in (True, False):
-        torch.save(model.head.train(mode), buffer := io.BytesIO())
-        pickled[mode] = len(buffer.getvalue())
-    cached = model.head._inference_weight
-    assert abs(pickled[False] - pickled[True]) < cached.numel() * cached.element_size() / 4
-    clone = copy.deepcopy(model)
+    clone = copy.deepcopy(model)     # a deep copy computes from its own parameters
     with torch.no_grad():
         clone.head.mu.add_(1.0)
     assert_same_logits(clone.head, torch.randn(3, model.head_hidden_size))
@@ -245,39 +271,26 @@ def test_checkpoints_unchanged(tmp_path):
 # --- tracing and export ------------------------------------------------------------------------------------
 
 @pytest.mark.filterwarnings('ignore')   # torch.jit.trace's deprecation and shape-check notices
-def test_stale_form_in_a_trace_raises_and_eval_fixes_it():
+def test_tracing_an_unfolded_head_names_fold_heads():
     head = make_head(12, 8, 3).float().eval()
     feats = torch.randn(4, 8)
-    with torch.no_grad():
-        head.mu.add_(1.0)       # after eval(), no eager forward before the trace
-    with pytest.raises(ValueError, match=r'call model.eval\(\) right before exporting'):
+    with pytest.raises(ValueError, match=r'fold the head before exporting: carrot_zzz.fold_heads\(model\)'):
         torch.jit.trace(head, feats, check_trace=False)
-    with pytest.raises(ValueError, match=r'call model.eval\(\) right before exporting'):
+    with pytest.raises(ValueError, match=r'carrot_zzz.fold_heads\(model\)'):
         torch.export.export(head, (feats,))
-    head.eval()
-    traced = torch.jit.trace(head, feats, check_trace=False)
-    torch.testing.assert_close(traced(feats), eval_logits(fresh_copy(head), feats)[0], rtol=0, atol=0)
-    # load_state_dict, parameter assignment and .to() in eval mode bring the form up to date at once
-    head.load_state_dict(make_head(12, 8, 3, seed=1).float().state_dict())
-    traced = torch.jit.trace(head, feats, check_trace=False)
-    torch.testing.assert_close(traced(feats), eval_logits(fresh_copy(head), feats)[0], rtol=0, atol=0)
-    head.bias = nn.Parameter(torch.randn(12))
-    traced = torch.jit.trace(head, feats, check_trace=False)
-    torch.testing.assert_close(traced(feats), eval_logits(fresh_copy(head), feats)[0], rtol=0, atol=0)
-    head.to(torch.float64)
-    feats = feats.double()
-    traced = torch.jit.trace(head, feats, check_trace=False)
-    torch.testing.assert_close(traced(feats), eval_logits(fresh_copy(head), feats)[0], rtol=0, atol=0)
+    folded = fold_heads(head)
+    traced = torch.jit.trace(folded, feats, check_trace=False)
+    torch.testing.assert_close(traced(feats), folded_logits(head, feats)[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('strict', [False, True])
 def test_torch_export_graph_has_no_factorisation(strict):
-    head = make_head(12, 8, 3).float().eval()
+    head = make_head(12, 8, 3).float()
     feats = torch.randn(4, 8)
-    program = torch.export.export(head, (feats,), strict=strict)
+    program = torch.export.export(FoldedZZZHead(head), (feats,), strict=strict)
     targets = {str(node.target) for node in program.graph.nodes if node.op == 'call_function'}
     assert not any(name in target for target in targets for name in ('cholesky', 'solve_triangular', 'qr'))
-    torch.testing.assert_close(program.module()(feats), eval_logits(head, feats)[0], rtol=0, atol=0)
+    torch.testing.assert_close(program.module()(feats), folded_logits(head, feats)[0], rtol=0, atol=0)
 
 
 def test_torch_compile_follows_in_place_updates():
@@ -287,7 +300,7 @@ def test_torch_compile_follows_in_place_updates():
     with torch.no_grad():
         torch.testing.assert_close(compiled(feats), head(feats), rtol=0, atol=0)
         head.mu.add_(1.0)
-        torch.testing.assert_close(compiled(feats), eval_logits(fresh_copy(head), feats)[0], rtol=0, atol=0)
+        torch.testing.assert_close(compiled(feats), eval_logits(fresh_copy(head), feats), rtol=0, atol=0)
 
 
 def _onnx_logits(model, x, dynamo, batch):
@@ -319,7 +332,7 @@ def test_onnx_export_matches_eager(rank, dynamo):
             p.add_(torch.randn_like(p) * 0.5)
     model.eval()
     x, batch = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)
-    out = _onnx_logits(model, x, dynamo, batch)
     with torch.no_grad():
         ref = model(batch)
+    out = _onnx_logits(fold_heads(model), x, dynamo, batch)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

@@ -16,10 +16,11 @@ __all__ = ['stratified_holdout', 'Part']
 
 
 def stratified_holdout(targets: Sequence[int], fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(kept indices, held-out indices), both sorted, of a split whose labels are `targets` (N,)."""
+    """(kept indices, held-out indices), both sorted, on the CPU, of a split whose labels are `targets` (N,): a
+    sequence of ints or a tensor on any device."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f'holdout_fraction must lie in [0, 1), got {fraction}')
-    labels = torch.as_tensor(list(targets), dtype=torch.long)
+    labels = torch.as_tensor(targets if torch.is_tensor(targets) else list(targets), dtype=torch.long).cpu()
     if labels.numel() == 0:
         raise ValueError('holdout: the split has no samples')
     noise = torch.rand(labels.numel(), generator=torch.Generator().manual_seed(seed))

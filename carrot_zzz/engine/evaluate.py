@@ -18,6 +18,7 @@ from torch import nn
 
 from ..distributed import is_distributed
 from ..metrics import sample_scores, split_metrics
+from .data import inner_loader
 from .precision import Precision
 
 __all__ = ['predict', 'epoch_metrics', 'split_metrics', 'logits_and_embedding']
@@ -43,6 +44,15 @@ def _gather_in_dataset_order(values: torch.Tensor, length: int) -> torch.Tensor:
     dist.all_gather(parts, values.contiguous())
     stacked = torch.stack(parts, 1)                              # (n, W, ...): row j holds samples j W .. j W + W - 1
     return stacked.flatten(0, 1)[:length]
+
+
+def _dataset_size(loader) -> Optional[int]:
+    """The size of the data set a loader reads (None when it has none: a streaming reader)."""
+    dataset = getattr(inner_loader(loader), 'dataset', None)
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
 
 
 def logits_and_embedding(model: nn.Module) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
@@ -85,7 +95,7 @@ def predict(
     averaged. forward(images): logits, or (logits, embedding) (see logits_and_embedding); default model(images).
     keep_embeddings: keep the embeddings a forward gives (`embedding` (N, D) float32). keep_logits: keep `logits`
     (N, C) float32 too. log_every: a progress line every so many batches (the only host syncs). dataset_length:
-    the split's size, to drop DDP padding.
+    the split's size, to drop DDP padding (default: the size of the loader's data set).
     """
     model.eval()
     kept: Dict[str, List[torch.Tensor]] = {}
@@ -121,8 +131,8 @@ def predict(
         return {}
     out = {key: torch.cat(values) for key, values in kept.items()}
     if is_distributed():
-        out = {key: _gather_in_dataset_order(v, dataset_length or len(v) * dist.get_world_size())
-               for key, v in out.items()}
+        length = dataset_length or _dataset_size(loader)
+        out = {key: _gather_in_dataset_order(v, length or len(v) * dist.get_world_size()) for key, v in out.items()}
     return {key: value.cpu() for key, value in out.items()}
 
 

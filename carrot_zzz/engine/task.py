@@ -1,5 +1,5 @@
 """The training task of a run: timm's classification task (loss on the logits), with the ZZZ head's penalties when
-their weights are set, with CARROT the same plus w * R(embedding, class) (carrot_zzz.train_task); then
+their weights are set, with CARROT the same plus w * R(embedding, class) (carrot_zzz.regularised_task); then
 torch.compile and DDP, in timm.task's order."""
 import argparse
 import logging
@@ -8,7 +8,7 @@ from timm.loss import create_classification_loss
 from timm.task import ClassificationTask
 from torch import nn
 
-from ..train_task import CarrotClassificationTask, PenalisedClassificationTask
+from ..regularised_task import CarrotClassificationTask, PenalisedClassificationTask
 from .errors import SettingError
 from .precision import Precision
 

@@ -1,5 +1,6 @@
 """What validate.py does for one model: the model a checkpoint holds, the split's loader, the scores, the results.
 
+    precision = start_validation(cfg)                                         once per run; joins torchrun's processes
     state_dict = read_checkpoint(cfg.checkpoint, cfg.use_ema)                 (None without a checkpoint)
     model = create_validation_model(cfg, state_dict)                          weights loaded, strictly
     loader = validation_loader(cfg, dataset, data_config, crop_pct, precision, model)
@@ -7,6 +8,10 @@
 
 The class count, head type and ZZZ rank come from the checkpoint (carrot_zzz.weights.describe_checkpoint) where the
 command line does not give them; values given on both must agree.
+
+Under torchrun each process scores its shard of every split (timm's ordered distributed sampler) and
+engine.evaluate.predict gathers the shards in dataset order, so every process holds the scores of the whole split;
+rank 0 alone logs and writes the results (`is_primary`).
 """
 import argparse
 import csv
@@ -22,6 +27,7 @@ from timm.data import resolve_data_config
 from timm.layers import apply_test_time_pool
 from timm.utils import reparameterize_model
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from ..data.classes import dataset_class_names, label_map, names_or_indices, parse_class_names
 from ..data.holdout import Part, stratified_holdout
@@ -37,12 +43,46 @@ from .data import evaluation_loader, read_split
 from .errors import SettingError
 from .models import build_timm_model, check_scriptable, merge_model_kwargs
 from .precision import Precision
+from .process import join_processes
 
-__all__ = ['read_checkpoint', 'model_spec', 'create_validation_model', 'open_eval_split', 'validation_loader',
-           'prepare_model', 'class_names', 'checkpoint_class_names', 'match_classes', 'holdout_part', 'report', 'retrieval_fields', 'write_extras', 'per_class_rows', 'write_rows',
+__all__ = ['start_validation', 'is_primary', 'read_checkpoint', 'model_spec', 'create_validation_model',
+           'open_eval_split', 'validation_loader', 'prepare_model', 'class_names', 'checkpoint_class_names',
+           'match_classes', 'holdout_part', 'report', 'retrieval_fields', 'write_extras', 'per_class_rows', 'write_rows',
            'write_results']
 
 _logger = logging.getLogger(__name__)
+
+
+def start_validation(cfg: argparse.Namespace) -> Precision:
+    """validate.py's process, once per run: engine.process.join_processes (under torchrun: torchrun's process group,
+    one device per process; cfg gets distributed, world_size, rank, device). SettingError for what cannot run under
+    torchrun; there, the processes other than rank 0 log warnings and errors only. Returns the Precision."""
+    precision = join_processes(cfg, 'Validating')
+    if cfg.distributed:
+        _check_torchrun_settings(cfg)
+        if cfg.rank != 0:
+            logging.getLogger().setLevel(logging.WARNING)
+    return precision
+
+
+def _check_torchrun_settings(cfg: argparse.Namespace) -> None:
+    """SettingError for the settings that need validate.py to be one process."""
+    if cfg.num_gpu > 1:
+        raise SettingError('num_gpu', cfg.num_gpu, f'spreads each batch over GPUs inside one process (DataParallel), '
+                                                   f'while torchrun runs {cfg.world_size} processes with one device '
+                                                   f'each: use one of them (drop num_gpu, or run validate.py without '
+                                                   f'torchrun)')
+    if cfg.retry:
+        raise SettingError('retry', True, 'would shrink the batch of one process alone and leave the others waiting '
+                                          'under torchrun: drop it and pass a smaller batch_size')
+    if cfg.naflex_loader:
+        raise SettingError('naflex_loader', True, 'does not split a split over torchrun\'s processes in order: run '
+                                                  'validate.py with it as one process')
+
+
+def is_primary(cfg: argparse.Namespace) -> bool:
+    """Whether this process prints and writes the results: the only one, or rank 0 under torchrun."""
+    return getattr(cfg, 'rank', 0) == 0
 
 
 def read_checkpoint(path: str, use_ema: bool) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -185,8 +225,13 @@ def open_eval_split(cfg: argparse.Namespace, name: str, root: str, split: str, i
 
 def validation_loader(cfg: argparse.Namespace, dataset, data_config: Dict[str, Any], crop_pct: float,
                       precision: Precision, model: nn.Module):
-    """The split's loader: engine.data.evaluation_loader with validate.py's / inference.py's settings, or timm's
-    NaFlex loader (--naflex-loader)."""
+    """The split's loader: engine.data.evaluation_loader with validate.py's / inference.py's settings (under torchrun,
+    this process's shard of it), or timm's NaFlex loader (--naflex-loader). SettingError for a streaming split under
+    torchrun (its shards would not come back in dataset order)."""
+    distributed = getattr(cfg, 'distributed', False)
+    if distributed and isinstance(dataset, IterableDataset):
+        raise SettingError('dataset', cfg.dataset, 'is a streaming reader, whose shards torchrun\'s processes cannot '
+                                                   'gather in dataset order: run validate.py on it as one process')
     if cfg.naflex_loader:
         from timm.data import create_naflex_loader
         patch = getattr(getattr(model, 'embeds', None), 'patch_size', None) or (16, 16)
@@ -197,8 +242,9 @@ def validation_loader(cfg: argparse.Namespace, dataset, data_config: Dict[str, A
             crop_border_pixels=cfg.crop_border_pixels, pin_memory=cfg.pin_mem, device=precision.device,
             img_dtype=precision.input_dtype)
     return evaluation_loader(dataset, data_config, precision, batch_size=cfg.batch_size, workers=cfg.workers,
-                             prefetcher=cfg.prefetcher, pin_memory=cfg.pin_mem, crop_pct=crop_pct,
-                             crop_border_pixels=cfg.crop_border_pixels, tf_preprocessing=cfg.tf_preprocessing)
+                             prefetcher=cfg.prefetcher, pin_memory=cfg.pin_mem, distributed=distributed,
+                             crop_pct=crop_pct, crop_border_pixels=cfg.crop_border_pixels,
+                             tf_preprocessing=cfg.tf_preprocessing)
 
 
 def class_names(model_names: Optional[List[str]], dataset, num_classes: int) -> List[str]:
