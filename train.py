@@ -48,7 +48,8 @@ from carrot_zzz.engine.loop import Trainer, updates_per_epoch
 from carrot_zzz.engine.preemption import Preempted, ProcessLost
 from carrot_zzz.engine.models import create_training_model
 from carrot_zzz.engine.optim import build_optimizer, build_scheduler, resolve_learning_rate
-from carrot_zzz.engine.process import experiment_name, loss_scaler, one_error_line, place_model, start_process
+from carrot_zzz.engine.process import (experiment_name, leave_processes, loss_scaler, one_error_line, place_model,
+                                      start_process)
 from carrot_zzz.engine.settings import check_experiment_folder, check_training_settings
 from carrot_zzz.engine.task import build_task, compile_and_distribute, training_loss
 from carrot_zzz.model import HEAD_TYPES
@@ -406,9 +407,7 @@ def _finish(cfg: argparse.Namespace, trainer: Trainer, folder: Optional[str], re
             calibrate: bool) -> Optional[str]:
     """Leave the process group, export the best weights (a temperature folded in when calibrating), print the best
     metric and timm's `--result` JSON."""
-    if cfg.distributed:
-        import torch.distributed
-        torch.distributed.destroy_process_group()
+    leave_processes(cfg)
     if trainer.keeper is not None and trainer.keeper.best is not None:
         _logger.info(f'*** Best metric: {trainer.keeper.best[1]} (epoch {trainer.keeper.best[0]})')
     if folder is None:

@@ -80,8 +80,8 @@ def one_error_line(cfg: Optional[argparse.Namespace], wait_s: float = 5.0) -> It
     process meets the same wrong setting; rank 0 prints its line and leaves it in the rendezvous store, another
     rank that stops with the same line leaves silently; one whose line differs, or that finds none within wait_s
     (an error of its own), prints it. An error met before the process group exists (the settings checks) is
-    printed by the first process of each machine (LOCAL_RANK 0); cfg is None while the settings are parsed. Exit status 1 either way; a single process is
-    left as it is."""
+    printed by the first process of each machine (LOCAL_RANK 0); cfg is None while the settings are parsed. Exit
+    status 1 either way; a single process is left as it is."""
     try:
         yield
     except SystemExit as e:
