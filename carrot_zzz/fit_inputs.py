@@ -6,8 +6,8 @@ __all__ = ['check_labelled']
 
 
 def check_labelled(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, feat_dim: int,
-                    what: str) -> None:
-    """One-line ValueErrors for features (N, feat_dim) and integer labels (N,) in [0, num_classes)."""
+                    what: str, min_rows: int = 0) -> None:
+    """One-line ValueErrors for features (N, feat_dim), N >= min_rows, and integer labels (N,) in [0, num_classes)."""
     if not isinstance(feats, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise ValueError(f'{what}: features and labels must be tensors; pass torch.Tensor (N, d) and (N,)')
     if feats.ndim != 2 or feats.shape[1] != feat_dim:
@@ -25,3 +25,5 @@ def check_labelled(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, 
                          f'{labels.max().item()}]; remap the labels to the head\'s class indices')
     if not all(torch.isfinite(block).all() for block in feats.split(8192)):   # blocks: no (N, d) temporaries
         raise ValueError(f'{what}: features contain NaN or inf; remove those rows')
+    if feats.shape[0] < min_rows:
+        raise ValueError(f'{what}: needs at least {min_rows} feature rows, got {feats.shape[0]}; pass more samples')

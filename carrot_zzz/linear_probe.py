@@ -52,9 +52,7 @@ def fit_linear_head(linear: nn.Linear, feats: torch.Tensor, labels: torch.Tensor
     if not isinstance(linear, nn.Linear):
         raise ValueError(f'{what}: expected an nn.Linear head, got {type(linear).__name__}; pass model.head of a '
                          f'linear-head model')
-    check_labelled(feats, labels, linear.out_features, linear.in_features, what)
-    if feats.shape[0] < 2:
-        raise ValueError(f'{what}: needs at least 2 feature rows, got {feats.shape[0]}; pass more samples')
+    check_labelled(feats, labels, linear.out_features, linear.in_features, what, min_rows=2)
     if linear.bias is None:
         raise ValueError(f'{what}: the layer has no bias; create it with nn.Linear(..., bias=True) (timm\'s heads '
                          f'have one)')

@@ -90,7 +90,7 @@ def head_info(shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, Any]:
                     zzz_rank=shapes['head.A'][-1] if 'head.A' in shapes else 0)
     if 'head.weight' in shapes:
         return dict(head_type='linear', num_classes=shapes['head.weight'][0])
-    if not any(k.startswith('head.') for k in shapes):
+    if not any(k.startswith(HEAD_PREFIX) for k in shapes):
         return dict(num_classes=0)
     return {}
 
@@ -154,14 +154,14 @@ def _describe_mismatch(
     elif hc.get('zzz_rank') is not None and hm.get('zzz_rank') is not None and hc['zzz_rank'] != hm['zzz_rank']:
         reasons.append(f"ZZZ rank: the checkpoint has rank {hc['zzz_rank']}, the model {hm['zzz_rank']} "
                        f"(create the model with zzz_rank={hc['zzz_rank']})")
-    body = [k for k in missing + unexpected + wrong if not k.startswith('head.')]
+    body = [k for k in missing + unexpected + wrong if not k.startswith(HEAD_PREFIX)]
     if body:
-        examples = [f'{k} {tuple(ckpt[k])} vs {tuple(model[k])}' for k in wrong if not k.startswith('head.')][:2]
-        examples += [f'{k} missing from the checkpoint' for k in missing if not k.startswith('head.')][:2]
-        examples += [f'{k} not in the model' for k in unexpected if not k.startswith('head.')][:2]
-        n_missing = sum(not k.startswith('head.') for k in missing)
-        n_unexpected = sum(not k.startswith('head.') for k in unexpected)
-        n_wrong = sum(not k.startswith('head.') for k in wrong)
+        examples = [f'{k} {tuple(ckpt[k])} vs {tuple(model[k])}' for k in wrong if not k.startswith(HEAD_PREFIX)][:2]
+        examples += [f'{k} missing from the checkpoint' for k in missing if not k.startswith(HEAD_PREFIX)][:2]
+        examples += [f'{k} not in the model' for k in unexpected if not k.startswith(HEAD_PREFIX)][:2]
+        n_missing = sum(not k.startswith(HEAD_PREFIX) for k in missing)
+        n_unexpected = sum(not k.startswith(HEAD_PREFIX) for k in unexpected)
+        n_wrong = sum(not k.startswith(HEAD_PREFIX) for k in wrong)
         reasons.append(
             f'backbone / architecture: {n_missing} tensors missing, {n_unexpected} unexpected, {n_wrong} of '
             f'another shape (e.g. {"; ".join(examples)}); the checkpoint is of another architecture or size')
@@ -193,13 +193,13 @@ def fit_state_dict(
     if not reasons:
         return state_dict
     body_fits = not any(
-        not k.startswith('head.') and ckpt_shapes.get(k) != model_shapes.get(k)
+        not k.startswith(HEAD_PREFIX) and ckpt_shapes.get(k) != model_shapes.get(k)
         for k in set(ckpt_shapes) | set(model_shapes))
     ckpt_classes = head_info(ckpt_shapes).get('num_classes')
     if new_head_ok and body_fits and ckpt_classes != getattr(model, 'num_classes', None):
         _logger.info(f'{what}: checkpoint head has {ckpt_classes} classes, model {model.num_classes}: new head')
-        out = {k: v for k, v in state_dict.items() if not k.startswith('head.')}
-        out.update({k: v for k, v in expected.items() if k.startswith('head.')})
+        out = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIX)}
+        out.update({k: v for k, v in expected.items() if k.startswith(HEAD_PREFIX)})
         return out
     raise ValueError(f'{what} does not fit the model: ' + '; '.join(reasons))
 

@@ -262,9 +262,7 @@ def _write_zzz(head, fit: Dict[str, torch.Tensor], tau: float, prior_bias: bool,
 def _check_options(head, feats, labels, calibrate, holdout_fraction, max_temperature_samples, memory_budget_mb,
                    chunk_classes) -> None:
     """One-line ValueErrors for the inputs and options of fit_zzz_head."""
-    check_labelled(feats, labels, head.num_classes, head.feat_dim, _WHAT)
-    if feats.shape[0] < 2:
-        raise ValueError(f'{_WHAT}: needs at least 2 feature rows, got {feats.shape[0]}; pass more samples')
+    check_labelled(feats, labels, head.num_classes, head.feat_dim, _WHAT, min_rows=2)
     if calibrate not in ('logits', 'covariance'):
         raise ValueError(f"{_WHAT}: calibrate must be 'logits' or 'covariance', got {calibrate!r}")
     if not 0.0 < holdout_fraction < 1.0:

@@ -27,20 +27,31 @@ from ..files import atomic_link, atomic_write
 from ..weights import load_checkpoint_file
 from .errors import CheckpointWriteError, first_line
 
-__all__ = ['CheckpointKeeper', 'rng_state', 'set_rng_state', 'plain', 'writing', 'last_checkpoint', 'CHECKPOINT_SUFFIX',
-           'RECOVERY_NAME']
+__all__ = ['CheckpointKeeper', 'rng_state', 'set_rng_state', 'plain', 'writing', 'last_checkpoint', 'newest_recovery',
+           'stored_epoch', 'CHECKPOINT_SUFFIX']
 
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIX = '.pth.tar'
 LAST = 'last'                     # last.pth.tar: the state after the latest epoch
-RECOVERY_NAME = re.compile(r'recovery-(\d+)-(\d+)\.pth\.tar')    # recovery-<epoch>-<update>
+RECOVERY = 'recovery-{epoch}-{update}'                             # recovery-<epoch>-<update>.pth.tar
+_RECOVERY_NAME = re.compile(r'recovery-(\d+)-(\d+)' + re.escape(CHECKPOINT_SUFFIX))
 Entry = Tuple[int, Optional[float]]       # (epoch, metric or None)
 
 
 def last_checkpoint(folder: str) -> str:
     """The path of an experiment folder's last.pth.tar."""
     return os.path.join(folder, LAST + CHECKPOINT_SUFFIX)
+
+
+def newest_recovery(folder: str, after_epoch: int) -> str:
+    """The recovery-<E>-<U>.pth.tar of folder with the largest (E, U) among E > after_epoch, '' if none."""
+    found = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        match = _RECOVERY_NAME.fullmatch(name)
+        if match and int(match.group(1)) > after_epoch:
+            found.append((int(match.group(1)), int(match.group(2)), name))
+    return os.path.join(folder, max(found)[2]) if found else ''
 
 
 def plain(value: Any) -> Any:
@@ -166,7 +177,7 @@ class CheckpointKeeper:
     def recovery(self, state: Dict[str, Any], epoch: int, update: int) -> str:
         """recovery-<epoch>-<update>.pth.tar, with the ranking so far (`saver`); the one before the previous is
         removed."""
-        path = self.path(f'recovery-{epoch}-{update}')
+        path = self.path(RECOVERY.format(epoch=epoch, update=update))
         saver = self.bookkeeping(self.history, self.best, epoch, None)        # the ranking so far, for a resume
         with writing(os.path.basename(path), self.folder):
             atomic_write(path, lambda f: torch.save({**state, 'epoch': epoch, 'saver': saver}, f))
@@ -194,10 +205,10 @@ class CheckpointKeeper:
 
     def _repair_best(self, last_epoch: int) -> None:
         best_file = self.path('model_best')
-        if os.path.exists(best_file) and _stored_epoch(best_file) == self.best[0]:
+        if os.path.exists(best_file) and stored_epoch(best_file) == self.best[0]:
             return
         source = self._epoch_file(self.best[0]) if self.best[0] != last_epoch else self.path(LAST)
-        if os.path.exists(source) and _stored_epoch(source) == self.best[0]:
+        if os.path.exists(source) and stored_epoch(source) == self.best[0]:
             atomic_link(source, best_file)
             _logger.warning(f'model_best{CHECKPOINT_SUFFIX} did not hold the best epoch {self.best[0]}: '
                             f're-linked it from {os.path.basename(source)}')
@@ -205,7 +216,7 @@ class CheckpointKeeper:
             _logger.warning(f'the best epoch {self.best[0]} has no checkpoint file left; model_best keeps what it has')
 
 
-def _stored_epoch(path: str) -> Optional[int]:
+def stored_epoch(path: str) -> Optional[int]:
     """The `epoch` entry of a checkpoint file (memory-mapped read), None when unreadable."""
     try:
         return load_checkpoint_file(path, mmap=True).get('epoch')

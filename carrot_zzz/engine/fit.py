@@ -19,7 +19,7 @@ from torch import nn
 
 from .evaluate import epoch_metrics, predict
 from ..weights import CLASS_NAMES_KEY, load_checkpoint_file, save_weights
-from .checkpoints import RECOVERY_NAME, last_checkpoint, set_rng_state, writing
+from .checkpoints import last_checkpoint, newest_recovery, set_rng_state, stored_epoch, writing
 from .data import set_loader_epoch
 from .errors import CheckpointWriteError, SettingError, first_line
 from .experiment import DEFAULT_OUTPUT, SummaryLog
@@ -41,24 +41,11 @@ def resume_path(cfg) -> str:
         return cfg.resume
     folder = os.path.join(cfg.output or DEFAULT_OUTPUT, cfg.experiment)
     last = last_checkpoint(folder)
-    newest = _newest_recovery(folder, _stored_epoch(last) if os.path.isfile(last) else -1) or \
+    last_epoch = stored_epoch(last) if os.path.isfile(last) else None    # None: none, or unreadable (load_resume says)
+    newest = newest_recovery(folder, -1 if last_epoch is None else last_epoch) or \
         (last if os.path.isfile(last) else '')
     _logger.info(f'resume auto: {"resuming from " + newest if newest else "no " + last + ", a fresh start"}')
     return newest
-
-
-def _stored_epoch(path: str) -> int:
-    return load_checkpoint_file(path, mmap=True).get('epoch', -1)
-
-
-def _newest_recovery(folder: str, last_epoch: int) -> str:
-    """The recovery-<E>-<U>.pth.tar with the largest (E, U) of an epoch after last_epoch, '' if none."""
-    found = []
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        match = RECOVERY_NAME.fullmatch(name)
-        if match and int(match.group(1)) > last_epoch:
-            found.append((int(match.group(1)), int(match.group(2)), name))
-    return os.path.join(folder, max(found)[2]) if found else ''
 
 
 def load_resume(task, optimizer, scaler, cfg, path: str):
@@ -91,7 +78,7 @@ def continue_run(trainer: Trainer, saved: Dict[str, Any], start_epoch: int, same
     """Pick up where a resumed run stopped: the schedule at start_epoch (and update, for a recovery checkpoint),
     the checkpoint ranking (same folder), and, for a single process, the RNG streams as if the run had not
     stopped (a recovery checkpoint restores them inside its epoch: Trainer.continue_within)."""
-    within = saved.get('update', -1) + 1 if 'update' in saved else 0
+    within = saved.get('update', -1) + 1
     if within:
         trainer.continue_within(saved)
     done = start_epoch * trainer.updates_per_epoch + within
