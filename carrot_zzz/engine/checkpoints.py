@@ -27,13 +27,14 @@ from ..files import atomic_link, atomic_write
 from ..weights import load_checkpoint_file
 from .errors import CheckpointWriteError, first_line
 
-__all__ = ['CheckpointKeeper', 'rng_state', 'set_rng_state', 'plain', 'writing', 'last_checkpoint', 'newest_recovery',
-           'stored_epoch', 'CHECKPOINT_SUFFIX']
+__all__ = ['CheckpointKeeper', 'rng_state', 'set_rng_state', 'plain', 'writing', 'last_checkpoint', 'best_checkpoint',
+           'newest_recovery', 'stored_epoch', 'CHECKPOINT_SUFFIX']
 
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIX = '.pth.tar'
 LAST = 'last'                     # last.pth.tar: the state after the latest epoch
+BEST = 'model_best'               # model_best.pth.tar: the best-ranked epoch's state
 RECOVERY = 'recovery-{epoch}-{update}'                             # recovery-<epoch>-<update>.pth.tar
 _RECOVERY_NAME = re.compile(r'recovery-(\d+)-(\d+)' + re.escape(CHECKPOINT_SUFFIX))
 Entry = Tuple[int, Optional[float]]       # (epoch, metric or None)
@@ -42,6 +43,11 @@ Entry = Tuple[int, Optional[float]]       # (epoch, metric or None)
 def last_checkpoint(folder: str) -> str:
     """The path of an experiment folder's last.pth.tar."""
     return os.path.join(folder, LAST + CHECKPOINT_SUFFIX)
+
+
+def best_checkpoint(folder: str) -> str:
+    """The path of an experiment folder's model_best.pth.tar."""
+    return os.path.join(folder, BEST + CHECKPOINT_SUFFIX)
 
 
 def newest_recovery(folder: str, after_epoch: int) -> str:
@@ -163,7 +169,7 @@ class CheckpointKeeper:
                 if gone not in {e for e, _ in history} and os.path.exists(self._epoch_file(gone)):
                     os.unlink(self._epoch_file(gone))
             if best is not None and best != self.best:
-                atomic_link(last, self.path('model_best'))
+                atomic_link(last, self.path(BEST))
         self.history, self.best = history, best
         return best
 
@@ -204,13 +210,13 @@ class CheckpointKeeper:
         return self.best
 
     def _repair_best(self, last_epoch: int) -> None:
-        best_file = self.path('model_best')
+        best_file = self.path(BEST)
         if os.path.exists(best_file) and stored_epoch(best_file) == self.best[0]:
             return
         source = self._epoch_file(self.best[0]) if self.best[0] != last_epoch else self.path(LAST)
         if os.path.exists(source) and stored_epoch(source) == self.best[0]:
             atomic_link(source, best_file)
-            _logger.warning(f'model_best{CHECKPOINT_SUFFIX} did not hold the best epoch {self.best[0]}: '
+            _logger.warning(f'{BEST}{CHECKPOINT_SUFFIX} did not hold the best epoch {self.best[0]}: '
                             f're-linked it from {os.path.basename(source)}')
         else:
             _logger.warning(f'the best epoch {self.best[0]} has no checkpoint file left; model_best keeps what it has')

@@ -19,7 +19,7 @@ from torch import nn
 
 from .evaluate import epoch_metrics, predict
 from ..weights import CLASS_NAMES_KEY, load_checkpoint_file, save_weights
-from .checkpoints import last_checkpoint, newest_recovery, set_rng_state, stored_epoch, writing
+from .checkpoints import best_checkpoint, last_checkpoint, newest_recovery, set_rng_state, stored_epoch, writing
 from .data import set_loader_epoch
 from .errors import CheckpointWriteError, SettingError, first_line
 from .experiment import DEFAULT_OUTPUT, SummaryLog
@@ -216,7 +216,7 @@ def export_best_weights(folder: str, model: nn.Module, ema_model: Optional[nn.Mo
     with the checkpoint's class names in the metadata. calibrate(module, file name): folds a temperature into the
     loaded module in place and returns the metadata entries to add. Weights that are not finite are not exported
     (a warning says so)."""
-    source = os.path.join(folder, 'model_best.pth.tar')
+    source = best_checkpoint(folder)
     if not os.path.exists(source):
         source = last_checkpoint(folder)
         if not os.path.exists(source):
